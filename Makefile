@@ -1,0 +1,30 @@
+# Fresh clone + Python 3.11 is enough: every target creates .venv and installs what it needs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-full bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU build in constraints.txt; a bare `torch` would pull GBs of CUDA wheels
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m dlkit.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-full: $(STAMP)
+	DLKIT_FULL=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

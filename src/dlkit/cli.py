@@ -1,0 +1,134 @@
+"""The `dlkit` command: parses options and calls the library; every user error is one line, exit 2."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from dlkit.errors import DlkitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Classic deep-learning experiments as reproducible recipes.")
+
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a recipe field: FIELD=VALUE (repeatable).")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Epochs of every training stage.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed (splits, init, batch order).")]
+OutOpt = Annotated[Path | None, typer.Option(help="Run directory to create (default runs/<recipe>-<time>).")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Your own data: a folder or file.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the data set's official files.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")]
+PrecisionOpt = Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _fields(data: str | None, data_dir: Path | None, device: str | None, precision: str | None) -> dict[str, Any]:
+    return {"data.path": data, "data.data_dir": str(data_dir) if data_dir else None,
+            "train.device": device, "train.precision": precision}
+
+
+@app.command("list")
+def list_(what: Annotated[str, typer.Argument(help="recipes, models, datasets or all.")] = "all") -> None:
+    """List the packaged recipes, the registered models and data sets."""
+    from dlkit.catalog import catalog_lines
+
+    for line in catalog_lines(what):
+        typer.echo(line)
+
+
+@app.command()
+def describe(recipe: str, overrides: SetOpt = [], as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show a recipe's model layer by layer with its parameter counts (no data needed)."""
+    from dlkit.catalog import describe_recipe
+
+    info = describe_recipe(recipe, overrides)
+    typer.echo(json.dumps(info.to_dict(), indent=2) if as_json else info.to_text())
+
+
+@app.command()
+def run(recipe: str, overrides: SetOpt = [], epochs: EpochsOpt = None, seed: SeedOpt = None, out: OutOpt = None,
+        data: DataOpt = None, data_dir: DataDirOpt = None, device: DeviceOpt = None,
+        precision: PrecisionOpt = None, quiet: QuietOpt = False) -> None:
+    """Run a recipe (a packaged name or a YAML file): train, test, save; prints the run directory last."""
+    from dlkit.recipes import load_recipe
+
+    resolved = load_recipe(recipe, overrides, epochs=epochs, seed=seed,
+                           fields=_fields(data, data_dir, device, precision))
+    _execute(resolved, out, quiet)
+
+
+@app.command()
+def train(model: Annotated[str, typer.Option(help="A registered model (dlkit list models).")],
+          data: Annotated[str, typer.Option("--data", help="A registered data set or a CSV file.")],
+          epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+          batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+          optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw or rmsprop.")] = "adam",
+          lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+          overrides: SetOpt = [], seed: SeedOpt = None, out: OutOpt = None, data_dir: DataDirOpt = None,
+          device: DeviceOpt = None, precision: PrecisionOpt = None, quiet: QuietOpt = False) -> None:
+    """Train a model on a data set without a recipe file."""
+    from dlkit.catalog import adhoc_recipe
+
+    resolved = adhoc_recipe(model, data, overrides, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                            lr=lr, seed=seed, fields=_fields(None, data_dir, device, precision))
+    _execute(resolved, out, quiet)
+
+
+@app.command()
+def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")]) -> None:
+    """Re-test a finished run on its test split and print the metrics as JSON."""
+    from dlkit.catalog import evaluate_run
+
+    typer.echo(json.dumps(evaluate_run(run_dir), indent=2))
+
+
+@app.command()
+def predict(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
+            inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, .npy arrays, CSV files or rows.")]) -> None:
+    """Predict with a finished run: one JSON object per input (label, confidence, probabilities)."""
+    from dlkit.predict import Predictor
+
+    for result in Predictor.from_run(run_dir).predict(inputs):
+        typer.echo(json.dumps(result))
+
+
+def _execute(recipe: Any, out: Path | None, quiet: bool) -> None:
+    from dlkit.engine.progress import make_progress
+    from dlkit.runner import execute
+
+    result = execute(recipe, out=out, progress=make_progress(quiet))
+    if not quiet:
+        typer.echo(result_line(result.summary))
+    typer.echo(str(result.run_dir))
+
+
+def result_line(summary: dict[str, Any]) -> str:
+    """`test_accuracy 0.981 (claimed 0.99, S0.1)` and friends, for the end of a run."""
+    keys = [k for k in ("test_accuracy", "test_f1", "test_roc_auc", "test_mse") if k in summary]
+    text = "  ".join(f"{k} {summary[k]:.4f}" for k in keys)
+    claims = summary.get("expect", {}).get("claims", [])
+    said = ", ".join(f"{c['metric']} {c['claimed']}" for c in claims)
+    source = summary.get("expect", {}).get("source")
+    return text + (f"  (claimed {said}{', ' + source if source else ''})" if said else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except DlkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "dlkit"
+        print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (click.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,251 @@
+"""Recipes: YAML validated by pydantic, with `a.b=c` overrides and one-line errors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dlkit.errors import ConfigError, did_you_mean
+
+
+class Strict(BaseModel):
+    """A config section: unknown fields are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataCfg(Strict):
+    name: str
+    path: str | None = None  # the user's own folder or file (--data)
+    data_dir: str | None = None  # a folder holding the data set's official files (--data-dir)
+    val_split: float = Field(0.1, ge=0.0, lt=1.0)
+    test_split: float = Field(0.2, ge=0.0, lt=1.0)  # used only where there is no official test split
+    image_size: int | None = Field(None, ge=1)  # square resize for image data
+    normalize: Literal["none", "scale", "standard"] = "scale"
+    subset: int | None = Field(None, ge=1)  # keep this many training examples (stratified)
+
+
+class ModelCfg(BaseModel):
+    """The model's registered name; every other key is an argument of its builder."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str
+
+    def args(self) -> dict[str, Any]:
+        """The builder arguments given in the recipe."""
+        return dict(self.model_extra or {})
+
+
+class OptimizerCfg(Strict):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-7, gt=0.0)  # Keras' default, which the seeds used
+    alpha: float = Field(0.9, gt=0.0, lt=1.0)  # RMSprop's decay (Keras' rho)
+
+
+class ScheduleCfg(Strict):
+    name: Literal["constant", "step", "multistep", "cosine", "onecycle", "plateau"] = "constant"
+    step_size: int = Field(10, ge=1)  # epochs between decays (step)
+    gamma: float = Field(0.1, gt=0.0)  # decay factor (step, multistep)
+    milestones: list[int] = []  # epochs at which to decay (multistep)
+    warmup_epochs: float = Field(0.0, ge=0.0)  # linear warm-up before cosine
+    min_lr: float = Field(0.0, ge=0.0)  # floor of cosine / plateau
+    max_lr: float | None = Field(None, gt=0.0)  # onecycle peak; the optimizer's lr if unset
+    factor: float = Field(0.1, gt=0.0, lt=1.0)  # plateau decay
+    patience: int = Field(5, ge=0)  # plateau patience in epochs
+    monitor: str = "val_loss"  # plateau's metric
+
+
+class EarlyStoppingCfg(Strict):
+    monitor: str = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+    patience: int = Field(5, ge=0)
+    min_delta: float = Field(0.0, ge=0.0)
+    restore_best: bool = True
+
+
+class CheckpointCfg(Strict):
+    best: bool = True
+    last: bool = True
+    monitor: str = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+
+
+class StageCfg(Strict):
+    """One training stage; unset fields fall back to the `train` section's values."""
+
+    name: str | None = None
+    epochs: int | None = Field(None, ge=0)
+    optimizer: OptimizerCfg | None = None
+    schedule: ScheduleCfg | None = None
+
+
+class TrainCfg(Strict):
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    loss: Literal["auto", "cross_entropy", "bce", "mse"] = "auto"
+    optimizer: OptimizerCfg = OptimizerCfg()
+    schedule: ScheduleCfg = ScheduleCfg()
+    stages: list[StageCfg] = []
+    early_stopping: EarlyStoppingCfg | None = None
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    grad_clip: float | None = Field(None, gt=0.0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True  # for models with conv layers
+
+
+class ExpectCfg(Strict):
+    """What the seed write-up claims, shown beside what we achieve."""
+
+    source: str | None = None  # the write-up id, e.g. "S0.1"
+    claims: dict[str, float] = {}  # metric name -> claimed value, e.g. test_accuracy: 0.99
+    note: str = ""
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    data: DataCfg
+    model: ModelCfg
+    train: TrainCfg = TrainCfg()
+    expect: ExpectCfg = ExpectCfg()
+
+
+def parse_recipe(raw: Any, origin: str = "recipe") -> Recipe:
+    """Validate a raw mapping into a Recipe, or raise one ConfigError line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: a recipe must be a YAML mapping with data, model and train")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping from `path`, turning I/O and syntax problems into ConfigErrors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe file {path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe file {path} must hold a YAML mapping with data, model and train")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `a.b=c` applied; values are parsed as YAML scalars."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects FIELD=VALUE (e.g. train.epochs=5), got '{item}'")
+        set_path(out, key.strip(), _parse_value(value))
+    return out
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `value` at a dotted path in nested dicts/lists, creating mappings on the way."""
+    parts = dotted.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {dotted}: '{part}' is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:i])}' is a value, not a section")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def set_epochs(raw: dict[str, Any], epochs: int) -> None:
+    """`--epochs N`: set the epochs of the train section and of every stage."""
+    train = raw.setdefault("train", {})
+    train["epochs"] = epochs
+    for stage in train.get("stages") or []:
+        if isinstance(stage, dict):
+            stage["epochs"] = epochs
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _deep_copy(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _deep_copy(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_deep_copy(v) for v in node]
+    return node
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first pydantic error as one line: the field, what is wrong, what is allowed."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    field = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _fields_at(Recipe, loc[:-1])
+        hint = did_you_mean(loc[-1], allowed)
+        return f"unknown field '{field}'{hint}; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"field '{field}' is required"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
+        hint = did_you_mean(str(err["input"]), choices)
+        return f"field '{field}' got '{err['input']}'{hint}; allowed: {', '.join(choices)}"
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"field '{field}' got {err['input']!r}: {msg}"
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Names of the fields of the section at `loc` (list indices skipped)."""
+    current: Any = model
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        current = _section_type(field.annotation)
+        if current is None:
+            return []
+    return list(current.model_fields)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None

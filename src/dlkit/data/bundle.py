@@ -1,0 +1,85 @@
+"""The data every recipe trains on: tensors in memory, split three ways, with their metadata."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+Task = Literal["multiclass", "binary", "regression"]
+InputKind = Literal["image", "tabular", "tokens"]
+
+
+@dataclass
+class TensorSplit:
+    """One split held as two tensors; batches are taken by indexing, never sample by sample."""
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} rows but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def to(self, device: torch.device | str) -> TensorSplit:
+        """This split on `device` (no copy when already there)."""
+        return TensorSplit(self.x.to(device), self.y.to(device))
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (x, y) batches; with `shuffle`, a fresh permutation drawn from `generator`."""
+        n = len(self)
+        if shuffle:
+            order = torch.randperm(n, generator=generator).to(self.x.device)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                yield self.x[idx], self.y[idx]
+        else:
+            for start in range(0, n, batch_size):
+                yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        """How many examples of each class this split holds."""
+        return torch.bincount(self.y.long().flatten().cpu(), minlength=num_classes).tolist()
+
+
+@dataclass
+class DataBundle:
+    """Train / val / test splits plus what a model and a predictor need to know about them.
+
+    `preprocessing` is the JSON-able spec (see data.preprocess) that turns a raw input into the
+    model's input; the training tensors were made with that same spec.
+    """
+
+    train: TensorSplit
+    val: TensorSplit | None
+    test: TensorSplit
+    classes: list[str]
+    input_shape: tuple[int, ...]
+    task: Task
+    input_kind: InputKind
+    preprocessing: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_outputs(self) -> int:
+        """Output units of the model: one for binary (a sigmoid logit) and regression."""
+        return 1 if self.task in ("binary", "regression") else len(self.classes)
+
+    def fingerprint(self) -> str:
+        """sha256 over every split's bytes: the same data gives the same fingerprint."""
+        h = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            if split is None:
+                continue
+            for t in (split.x, split.y):
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,39 @@
+"""User-facing errors: each says what went wrong and what to do, in one line."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DlkitError(Exception):
+    """A mistake the user can fix; the CLI prints the message alone and exits with code 2."""
+
+
+class ConfigError(DlkitError):
+    """A recipe field, override or option is unknown or has a bad value."""
+
+
+class RegistryError(DlkitError):
+    """A name is unknown to a registry, or registered twice."""
+
+
+class DataError(DlkitError):
+    """A data set is missing, corrupt or does not fit the recipe."""
+
+
+class RunDirError(DlkitError):
+    """A run directory is missing, incomplete or unreadable."""
+
+
+class InputError(DlkitError):
+    """An input given for prediction cannot be read or has the wrong shape."""
+
+
+class TrainingError(DlkitError):
+    """Training cannot go on (a non-finite loss, for instance)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return " (did you mean 'x'?)" for the closest choice, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

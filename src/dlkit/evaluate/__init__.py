@@ -1,0 +1,1 @@
+"""Evaluation of trained models: metrics (plots, Grad-CAM, reports and comparison build on them)."""

@@ -1,0 +1,183 @@
+"""`run`: a recipe in, a finished run directory out (train, test, save the bundle)."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import sklearn
+import torch
+import yaml
+from torch import nn
+
+import dlkit
+from dlkit.config import Recipe, TrainCfg
+from dlkit.data import DataBundle, load_data
+from dlkit.engine import Callback, Checkpoint, EarlyStopping, GradClip, History, MetricsLog, fit, predict_outputs
+from dlkit.engine.checkpoint import save_weights, write_json
+from dlkit.engine.optim import metric_mode
+from dlkit.engine.progress import PlainProgress, make_progress
+from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
+from dlkit.errors import ConfigError, TrainingError
+from dlkit.evaluate.metrics import classification_metrics
+from dlkit.models import build
+from dlkit.recipes import load_recipe
+from dlkit.rundir import BUNDLE_FORMAT, new_run_dir
+
+
+@dataclass
+class RunResult:
+    """What `run` returns: where the run is, its summary and its per-epoch history."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def run(recipe: str | Path | Recipe, *, overrides: list[str] | tuple[str, ...] = (), epochs: int | None = None,
+        seed: int | None = None, out: str | Path | None = None, fields: dict[str, Any] | None = None,
+        quiet: bool = True, runs_root: str | Path = "runs") -> RunResult:
+    """Train, test and save a recipe (a packaged name, a YAML path or a Recipe)."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides, epochs=epochs, seed=seed, fields=fields)
+    return execute(recipe, out=out, progress=make_progress(quiet), runs_root=runs_root)
+
+
+def build_model(recipe: Recipe, num_outputs: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """The recipe's model, shaped for the data."""
+    return build(recipe.model.name, num_classes=num_outputs, input_shape=tuple(input_shape), **recipe.model.args())
+
+
+def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainProgress | None = None,
+            runs_root: str | Path = "runs") -> RunResult:
+    """Run a resolved recipe; the run directory is created only once data and model are ready."""
+    device = resolve_device(recipe.train.device)
+    precision = resolve_precision(recipe.train.precision, device)
+    data = load_data(recipe.data, recipe.seed)
+    generator = seed_everything(recipe.seed)
+    model = build_model(recipe, data.num_outputs, data.input_shape)
+    monitor_notes = _check_monitors(recipe.train, data)
+
+    run_dir = new_run_dir(recipe.name, out, runs_root)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    callbacks = _callbacks(recipe.train, run_dir)
+    try:
+        history = fit(model, data, recipe.train, device=device, precision=precision, generator=generator,
+                      callbacks=callbacks, progress=progress)
+    except TrainingError as exc:
+        last = run_dir / "checkpoints" / "last.safetensors"
+        kept = f"; the last good weights are in {last}" if last.is_file() else ""
+        raise TrainingError(f"{exc}{kept}") from None
+    history.notes[:0] = monitor_notes
+
+    logits = predict_outputs(model, data.test.x, device=device, precision=precision,
+                             batch_size=recipe.train.eval_batch_size)
+    test = classification_metrics(logits, data.test.y, data.task)
+    save_weights(model, run_dir / "model.safetensors")
+    write_json(run_dir / "bundle.json", bundle_meta(recipe, data, model))
+    summary = summarize_run(recipe, data, model, history, test, device, precision)
+    write_json(run_dir / "summary.json", summary)
+    return RunResult(run_dir, summary, history.epochs)
+
+
+def bundle_meta(recipe: Recipe, data: DataBundle, model: nn.Module) -> dict[str, Any]:
+    """Everything needed to rebuild the model and prepare its inputs, without the training code."""
+    return {
+        "format": BUNDLE_FORMAT,
+        "recipe": recipe.name,
+        "model": {"name": recipe.model.name, "args": recipe.model.args() | {
+            "num_classes": data.num_outputs, "input_shape": list(data.input_shape)}},
+        "task": data.task,
+        "classes": data.classes,
+        "input_kind": data.input_kind,
+        "input_shape": list(data.input_shape),
+        "input_dtype": str(getattr(model, "input_dtype", torch.float32)).removeprefix("torch."),
+        "preprocessing": data.preprocessing,
+        "data_fingerprint": data.fingerprint(),
+        "versions": library_versions(),
+    }
+
+
+def summarize_run(recipe: Recipe, data: DataBundle, model: nn.Module, history: History,
+                  test: dict[str, float], device: torch.device, precision: str) -> dict[str, Any]:
+    """summary.json: test metrics, sizes, cost, environment and the seed's claim beside ours."""
+    n_classes = len(data.classes) if data.task != "regression" else 0
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    return {
+        "recipe": recipe.name,
+        **test,
+        "n_train": len(data.train),
+        "n_val": len(data.val) if data.val is not None else 0,
+        "n_test": len(data.test),
+        "class_counts": {k: s.class_counts(n_classes) for k, s in splits.items() if s is not None and n_classes},
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_seconds": round(history.train_seconds, 3),
+        "epochs_run": len(history.epochs),
+        "stages": history.stages,
+        "device": device.type,
+        "precision": precision,
+        "seed": recipe.seed,
+        "expect": expect_vs_achieved(recipe, test),
+        "notes": history.notes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dlkit_version": dlkit.__version__,
+    }
+
+
+def expect_vs_achieved(recipe: Recipe, achieved: dict[str, float]) -> dict[str, Any]:
+    """Each claimed metric beside ours; 'met' when ours is at most one point worse."""
+    rows = []
+    for metric, claimed in recipe.expect.claims.items():
+        ours = achieved.get(metric)
+        row: dict[str, Any] = {"metric": metric, "claimed": claimed, "achieved": ours}
+        if ours is not None:
+            delta = ours - claimed
+            row["delta"] = round(delta, 6)
+            worse = -delta if metric_mode(metric) == "max" else delta
+            row["status"] = "met" if worse <= 0.01 else "below"
+        else:
+            row["status"] = "not measured"
+        rows.append(row)
+    return {"source": recipe.expect.source, "note": recipe.expect.note, "claims": rows}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that matter for reloading a bundle."""
+    return {"dlkit": dlkit.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "safetensors": safetensors.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def _check_monitors(cfg: TrainCfg, data: DataBundle) -> list[str]:
+    """Refuse an early-stopping metric the run cannot have; fall back to train_loss for checkpoints."""
+    available = ["train_loss"] + (["train_accuracy"] if data.task != "regression" else [])
+    if data.val is not None and len(data.val):
+        available += [m.replace("train_", "val_") for m in available]
+    notes = []
+    es = cfg.early_stopping
+    if es is not None and es.monitor not in available:
+        raise ConfigError(f"train.early_stopping.monitor '{es.monitor}' is not a metric of this run; "
+                          f"allowed: {', '.join(available)}")
+    if cfg.checkpoint.monitor not in available:
+        notes.append(f"best checkpoint monitors train_loss ({cfg.checkpoint.monitor} is not measured in this run)")
+        cfg.checkpoint.monitor = "train_loss"
+        cfg.checkpoint.mode = "auto"
+    return notes
+
+
+def _callbacks(cfg: TrainCfg, run_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = [MetricsLog(run_dir / "metrics.jsonl")]
+    ck = cfg.checkpoint
+    if ck.best or ck.last:
+        callbacks.append(Checkpoint(run_dir / "checkpoints", ck.monitor, ck.mode, ck.best, ck.last))
+    if cfg.early_stopping is not None:
+        es = cfg.early_stopping
+        callbacks.append(EarlyStopping(es.monitor, es.mode, es.patience, es.min_delta, es.restore_best))
+    if cfg.grad_clip is not None:
+        callbacks.append(GradClip(cfg.grad_clip))
+    return callbacks
