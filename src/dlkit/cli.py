@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer.exceptions import Abort, TyperException
 
 from dlkit.errors import DlkitError
 
@@ -70,7 +70,7 @@ def train(model: Annotated[str, typer.Option(help="A registered model (dlkit lis
           overrides: SetOpt = [], seed: SeedOpt = None, out: OutOpt = None, data_dir: DataDirOpt = None,
           device: DeviceOpt = None, precision: PrecisionOpt = None, quiet: QuietOpt = False) -> None:
     """Train a model on a data set without a recipe file."""
-    from dlkit.catalog import adhoc_recipe
+    from dlkit.recipes import adhoc_recipe
 
     resolved = adhoc_recipe(model, data, overrides, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                             lr=lr, seed=seed, fields=_fields(None, data_dir, device, precision))
@@ -80,7 +80,7 @@ def train(model: Annotated[str, typer.Option(help="A registered model (dlkit lis
 @app.command()
 def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")]) -> None:
     """Re-test a finished run on its test split and print the metrics as JSON."""
-    from dlkit.catalog import evaluate_run
+    from dlkit.evaluate.retest import evaluate_run
 
     typer.echo(json.dumps(evaluate_run(run_dir), indent=2))
 
@@ -93,6 +93,14 @@ def predict(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
 
     for result in Predictor.from_run(run_dir).predict(inputs):
         typer.echo(json.dumps(result))
+
+
+@app.command()
+def compare(runs: Annotated[list[Path], typer.Argument(metavar="RUN...")]) -> None:
+    """One table over finished runs: test metrics beside the seed's claim, params and train time."""
+    from dlkit.evaluate.compare import compare_rows, markdown_table
+
+    typer.echo(markdown_table(compare_rows(runs)))
 
 
 def _execute(recipe: Any, out: Path | None, quiet: bool) -> None:
@@ -122,13 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     except DlkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.UsageError as exc:
-        command = exc.ctx.command_path if exc.ctx else "dlkit"
+    except TyperException as exc:  # bad options or arguments
+        if not exc.format_message():  # no arguments at all: the help was shown
+            sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "dlkit"
         print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except (click.Abort, KeyboardInterrupt):
+    except (Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)

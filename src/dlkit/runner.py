@@ -74,8 +74,8 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
         raise TrainingError(f"{exc}{kept}") from None
     history.notes[:0] = monitor_notes
 
-    logits = predict_outputs(model, data.test.x, device=device, precision=precision,
-                             batch_size=recipe.train.eval_batch_size)
+    # tested in fp32, as `predict`, `evaluate` and `serve` run it, so their answers agree
+    logits = predict_outputs(model, data.test.x, device=device, batch_size=recipe.train.eval_batch_size)
     test = classification_metrics(logits, data.test.y, data.task)
     save_weights(model, run_dir / "model.safetensors")
     write_json(run_dir / "bundle.json", bundle_meta(recipe, data, model))

@@ -1,20 +1,65 @@
-"""Data-set registry: each loader takes the recipe's DataCfg and the seed and returns a DataBundle."""
+"""Data-set registry: each source loads a DataBundle from the recipe's DataCfg and the seed."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dlkit.config import DataCfg
-from dlkit.data.bundle import DataBundle, TensorSplit
+from dlkit.data.bundle import DataBundle, Task, TensorSplit
 from dlkit.registry import Registry
 
-DATASETS: Registry[Callable[[DataCfg, int], DataBundle]] = Registry("dataset")
+Loader = Callable[[DataCfg, int], DataBundle]
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a model needs to know of a data set before any data is loaded."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    task: Task
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.task in ("binary", "regression") else self.num_classes
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A registered data set: its loader and, for data that may not be on disk, its shape."""
+
+    load: Loader
+    shape: Callable[[DataCfg], DataShape] | None = None
+
+
+DATASETS: Registry[DataSource] = Registry("dataset")
+
+
+def register_dataset(name: str, shape: Callable[[DataCfg], DataShape] | None = None) -> Callable[[Loader], Loader]:
+    """Decorator registering a loader; give `shape` when the data may be absent (downloads)."""
+
+    def add(load: Loader) -> Loader:
+        DATASETS.add(name, DataSource(load, shape))
+        return load
+
+    return add
 
 
 def load_data(cfg: DataCfg, seed: int) -> DataBundle:
     """Load the data set the recipe names, split and preprocessed."""
-    return DATASETS.get(cfg.name)(cfg, seed)
+    return DATASETS.get(cfg.name).load(cfg, seed)
+
+
+def data_shape(cfg: DataCfg) -> DataShape:
+    """The data set's input shape and classes; small bundled data is simply loaded to find out."""
+    source = DATASETS.get(cfg.name)
+    if source.shape is not None:
+        return source.shape(cfg)
+    bundle = source.load(cfg, 0)
+    return DataShape(tuple(bundle.input_shape), len(bundle.classes), bundle.task)
 
 
 from dlkit.data import tabular, vision  # noqa: E402,F401  (registers the loaders)
 
-__all__ = ["DATASETS", "DataBundle", "TensorSplit", "load_data"]
+__all__ = ["DATASETS", "DataBundle", "DataShape", "DataSource", "TensorSplit", "data_shape", "load_data",
+           "register_dataset"]

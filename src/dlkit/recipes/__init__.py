@@ -49,9 +49,43 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         if epochs < 0:
             raise ConfigError(f"--epochs must be 0 or more, got {epochs}")
         set_epochs(raw, epochs)
+    return _finish(raw, seed, fields, origin=f"recipe '{name}'")
+
+
+def adhoc_recipe(model: str, data: str, overrides: list[str] | tuple[str, ...] = (), *, epochs: int = 10,
+                 batch_size: int = 32, optimizer: str = "adam", lr: float = 1e-3, seed: int | None = None,
+                 fields: dict[str, Any] | None = None) -> Recipe:
+    """A recipe made from command-line options (`dlkit train`): a model on a data set or file."""
+    from dlkit.data import DATASETS
+    from dlkit.models import MODELS
+
+    MODELS.get(model)  # fail early, with suggestions, on an unknown model
+    path = Path(data).expanduser()
+    if data in DATASETS:
+        data_section: dict[str, Any] = {"name": data}
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        data_section = {"name": "csv_table", "path": str(path)}
+    elif path.is_dir() and "image_folder" in DATASETS:
+        data_section = {"name": "image_folder", "path": str(path)}
+    elif path.exists():
+        raise ConfigError(f"--data {data}: expected a registered data set, a .csv file or an image folder")
+    else:
+        DATASETS.get(data)  # unknown name: the registry's error lists what exists
+    raw: dict[str, Any] = {
+        "name": f"{model}-{Path(data).stem if path.exists() else data}",
+        "data": data_section,
+        "model": {"name": model},
+        "train": {"epochs": epochs, "batch_size": batch_size, "optimizer": {"name": optimizer, "lr": lr}},
+    }
+    raw = apply_overrides(raw, list(overrides))
+    return _finish(raw, seed, fields, origin="dlkit train")
+
+
+def _finish(raw: dict[str, Any], seed: int | None, fields: dict[str, Any] | None, origin: str) -> Recipe:
+    """Apply `--seed` and the named CLI fields (None = not given), then validate."""
     if seed is not None:
         raw["seed"] = seed
     for dotted, value in (fields or {}).items():
         if value is not None:
             set_path(raw, dotted, value)
-    return parse_recipe(raw, origin=f"recipe '{name}'")
+    return parse_recipe(raw, origin=origin)

@@ -1,0 +1,64 @@
+"""What dlkit has: recipes, models and data sets to list, and a recipe's model to describe."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dlkit.data import DATASETS, data_shape
+from dlkit.errors import ConfigError, did_you_mean
+from dlkit.models import MODELS, model_args
+from dlkit.models.summary import ModelSummary, summarize
+from dlkit.recipes import load_recipe, recipe_registry, recipe_source
+from dlkit.runner import build_model
+
+KINDS = ("recipes", "models", "datasets")
+
+
+def catalog_lines(what: str = "all") -> list[str]:
+    """Lines listing recipes (with their seed claim), models (with arguments) and data sets."""
+    if what not in (*KINDS, "all"):
+        raise ConfigError(f"cannot list '{what}'{did_you_mean(what, KINDS)}; choose recipes, models, datasets or all")
+    lines: list[str] = []
+    if what in ("recipes", "all"):
+        lines.append("recipes:")
+        for name in recipe_registry().names():
+            raw, _ = recipe_source(name)
+            claims = raw.get("expect", {}).get("claims", {})
+            claim = ", ".join(f"{k} {v}" for k, v in claims.items())
+            source = raw.get("expect", {}).get("source") or "-"
+            lines.append(f"  {name:<24} {source:<6} {claim:<36} {raw.get('description', '')}")
+    if what in ("models", "all"):
+        lines.append("models:")
+        lines += [f"  {name:<24} args: {', '.join(model_args(name)) or '-'}" for name in MODELS.names()]
+    if what in ("datasets", "all"):
+        lines.append("datasets:")
+        lines += [f"  {name}" for name in DATASETS.names()]
+    return lines
+
+
+@dataclass
+class RecipeDescription:
+    """A recipe's model table with the data shape it was built for."""
+
+    recipe: str
+    model: str
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    summary: ModelSummary
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "model": self.model, "input_shape": list(self.input_shape),
+                "num_outputs": self.num_outputs, **self.summary.to_dict()}
+
+    def to_text(self) -> str:
+        head = f"recipe {self.recipe}: model {self.model}, input {tuple(self.input_shape)}, {self.num_outputs} outputs"
+        return head + "\n" + self.summary.to_text()
+
+
+def describe_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> RecipeDescription:
+    """Build a recipe's model from the data set's known shape (no data loaded) and tabulate it."""
+    recipe = load_recipe(name_or_path, overrides)
+    shape = data_shape(recipe.data)
+    model = build_model(recipe, shape.num_outputs, shape.input_shape)
+    summary = summarize(model, shape.input_shape, dtype=getattr(model, "input_dtype", None))
+    return RecipeDescription(recipe.name, recipe.model.name, shape.input_shape, shape.num_outputs, summary)

@@ -1,0 +1,143 @@
+"""Preprocessing specs: what turned the raw data into training tensors, saved in bundle.json and
+applied again, unchanged, to a user's raw input at prediction time."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlkit.data.inputs import read_image, read_table
+from dlkit.errors import InputError, RunDirError
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights Pillow's convert("L") uses
+
+
+@dataclass
+class ImagePrep:
+    """Images: resize to `size`, match `channels`, optionally invert light backgrounds, normalise.
+
+    `invert="auto"` inverts an image whose border is light (mean > 0.5) so that ink is bright on
+    dark, as in MNIST and sklearn's digits; a photo data set must use "never".
+    """
+
+    channels: int
+    size: tuple[int, int]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    invert: str = "never"
+
+    def __post_init__(self) -> None:
+        self.size = (int(self.size[0]), int(self.size[1]))
+        if self.invert not in ("never", "auto"):
+            raise ValueError(f"invert must be 'never' or 'auto', got {self.invert!r}")
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Preprocess a float batch (N, C, H, W) with values in [0, 1]."""
+        return self.normalise(self.layout(x))
+
+    def layout(self, x: Tensor) -> Tensor:
+        """Every step but normalisation: inversion, channel matching, resizing."""
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise InputError(f"expected images shaped (N, 1 or 3, H, W), got {tuple(x.shape)}")
+        x = x.float()
+        if self.invert == "auto":
+            x = torch.where(_border_mean(x)[:, None, None, None] > 0.5, 1.0 - x, x)
+        if x.shape[1] == 3 and self.channels == 1:
+            luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            x = (x * luma).sum(1, keepdim=True)
+        elif x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != self.size:
+            shrinking = x.shape[-2] > self.size[0] or x.shape[-1] > self.size[1]
+            x = F.interpolate(
+                x, size=self.size, mode="bilinear", align_corners=False, antialias=shrinking
+            )
+        return x.contiguous()
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """Subtract the per-channel mean and divide by the std, when the spec has them."""
+        if self.mean is None or self.std is None:
+            return x
+        return _affine(x, self.mean, self.std, (1, -1, 1, 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, tagged with kind "image"."""
+        return {"kind": "image", **asdict(self), "size": list(self.size)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImagePrep:
+        """Inverse of `to_dict`."""
+        size = tuple(d["size"])
+        return cls(d["channels"], size, d.get("mean"), d.get("std"), d.get("invert", "never"))
+
+
+@dataclass
+class TablePrep:
+    """Table rows: (x - mean) / std per feature, with statistics taken from the training split.
+
+    `method` says what the two vectors are: "standard" (mean and std), "minmax" (minimum and range,
+    which maps the training range to [0, 1]) or "none" (both None, rows pass unchanged).
+    """
+
+    feature_names: list[str]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    method: str = "standard"
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Preprocess a float batch of rows (N, F)."""
+        if x.ndim != 2 or x.shape[1] != len(self.feature_names):
+            raise InputError(
+                f"expected rows of {len(self.feature_names)} features, got shape {tuple(x.shape)}"
+            )
+        x = x.float()
+        if self.mean is None or self.std is None:
+            return x
+        return _affine(x, self.mean, self.std, (1, -1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, tagged with kind "table"."""
+        return {"kind": "table", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TablePrep:
+        """Inverse of `to_dict`."""
+        return cls(list(d["feature_names"]), d.get("mean"), d.get("std"), d.get("method", "standard"))
+
+
+def prep_from_dict(d: dict[str, Any]) -> ImagePrep | TablePrep:
+    """Rebuild the spec saved in bundle.json, dispatching on d["kind"]."""
+    kinds = {"image": ImagePrep, "table": TablePrep}
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind not in kinds:
+        raise RunDirError(f"preprocessing spec has kind {kind!r}; expected 'image' or 'table'")
+    try:
+        return kinds[kind].from_dict(d)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunDirError(f"preprocessing spec of kind '{kind}' is malformed: {exc}") from None
+
+
+def read_input(source: str, spec: ImagePrep | TablePrep) -> Tensor:
+    """Read a user's raw input (a file path, or inline numbers for tables) and preprocess it."""
+    if isinstance(spec, ImagePrep):
+        return spec.apply(read_image(source, spec.channels))
+    return spec.apply(read_table(source, spec.feature_names))
+
+
+def _affine(x: Tensor, mean: list[float], std: list[float], shape: tuple[int, ...]) -> Tensor:
+    """(x - mean) / std broadcast along `shape`; a zero std (a constant feature) divides by 1."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.tensor([v if v > 0 else 1.0 for v in std], dtype=x.dtype, device=x.device).view(shape)
+    return (x - m) / s
+
+
+def _border_mean(x: Tensor) -> Tensor:
+    """Mean of each image's outermost pixels over all channels: (N,)."""
+    top, bottom = x[:, :, 0, :], x[:, :, -1, :]
+    left, right = x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]
+    total = top.sum((1, 2)) + bottom.sum((1, 2)) + left.sum((1, 2)) + right.sum((1, 2))
+    count = x.shape[1] * (2 * x.shape[3] + 2 * max(x.shape[2] - 2, 0))
+    return total / count

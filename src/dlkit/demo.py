@@ -1,0 +1,27 @@
+"""`make demo`: the offline quickstart, three seed experiments end to end and a results table."""
+from __future__ import annotations
+
+import sys
+
+from dlkit.engine.progress import PlainProgress
+from dlkit.evaluate.compare import compare_rows, markdown_table
+from dlkit.recipes import load_recipe
+from dlkit.runner import execute
+
+DEMO_RECIPES = ("digits-cnn", "digits-mlp", "breast-cancer-lstm")
+
+
+def main() -> None:
+    """Run each demo recipe with its own settings, then print one table over the runs."""
+    runs = []
+    for name in DEMO_RECIPES:
+        print(f"== dlkit run {name}", flush=True)
+        result = execute(load_recipe(name), progress=PlainProgress())
+        print(f"   -> {result.run_dir}", flush=True)
+        runs.append(result.run_dir)
+    print()
+    print(markdown_table(compare_rows(runs)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

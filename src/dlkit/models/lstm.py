@@ -1,0 +1,130 @@
+"""Recurrent classifiers (S0.2 imdb-lstm, S3.B tiny-text-lstm, S4.2 breast-cancer-lstm).
+
+One trunk reads either token ids (embedding first) or tabular rows (cut into time steps), runs a
+stack of LSTM or GRU layers and hands the last hidden state to a small dense head.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from dlkit.errors import ConfigError, did_you_mean
+from dlkit.models import MODELS
+from dlkit.models.surface import Classifier
+
+
+def left_align(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the real (non-zero) ids of each row to its front; return them and each row's length."""
+    # Keras pads at the front, others at the back: aligning first makes any padding give the same answer
+    order = torch.argsort((ids == 0).to(torch.uint8), dim=1, stable=True)
+    lengths = (ids != 0).sum(dim=1).clamp(min=1)  # an all-pad row reads one pad (a zero embedding)
+    return ids.gather(1, order), lengths.cpu()
+
+
+def run_layer(rnn: nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one recurrent layer; return its output sequence and last hidden state (N, directions*H)."""
+    steps = x.shape[1]
+    if lengths is not None:
+        x = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, hidden = rnn(x)
+    if isinstance(hidden, tuple):  # an LSTM also returns its cell state
+        hidden = hidden[0]
+    if lengths is not None:
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=steps)
+    return out, torch.cat(list(hidden), dim=-1)
+
+
+class RecurrentTrunk(nn.Module):
+    """Token ids (N, T) or tabular rows (N, F) -> the last hidden state of a stack of recurrent layers."""
+
+    def __init__(
+        self,
+        in_features: int,
+        sizes: Sequence[int],
+        cell: type[nn.RNNBase],
+        bidirectional: bool,
+        dropout: float,
+        steps: int | None = None,
+        embed: nn.Embedding | None = None,
+    ) -> None:
+        super().__init__()
+        self.steps = steps
+        self.embed = embed
+        self.drop = nn.Dropout(dropout)  # on each layer's inputs, as Keras' LSTM(dropout=...)
+        directions = 2 if bidirectional else 1
+        widths = [in_features, *(size * directions for size in sizes)]
+        self.rnns = nn.ModuleList(
+            cell(width, size, batch_first=True, bidirectional=bidirectional) for width, size in zip(widths, sizes)
+        )
+        self.out_features = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden state of the top layer, read at each row's last real step."""
+        if self.embed is None:
+            x, lengths = x.reshape(len(x), self.steps, -1), None
+        else:
+            ids, lengths = left_align(x)
+            x = self.embed(ids)
+        for rnn in self.rnns:
+            x, hidden = run_layer(rnn, self.drop(x), lengths)
+        return hidden
+
+
+def recurrent_cell(name: str) -> type[nn.RNNBase]:
+    """The recurrent layer class called `name`; an unknown name is a ConfigError."""
+    cells = {"lstm": nn.LSTM, "gru": nn.GRU}
+    if name not in cells:
+        raise ConfigError(f"model.cell must be one of {', '.join(cells)}, got '{name}'{did_you_mean(name, cells)}")
+    return cells[name]
+
+
+@MODELS.register("lstm")
+def lstm(
+    num_classes: int = 1,
+    input_shape: tuple[int, ...] = (30,),
+    steps: int | None = None,
+    vocab_size: int | None = None,
+    embed_dim: int = 128,
+    hidden: int = 64,
+    layers: int = 1,
+    stacked: tuple[int, ...] | None = None,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    dense: int | None = None,
+    cell: str = "lstm",
+) -> Classifier:
+    """An LSTM/GRU classifier over token ids (`vocab_size` set, id 0 = padding) or tabular rows.
+
+    Tabular rows of F features become `steps` time steps of F // steps features (default: one
+    feature per step). `stacked=(64, 32)` stacks layers of those sizes, else `layers` x `hidden`;
+    `dense` adds Dense(dense) relu before the output layer.
+    """
+    rnn_cell = recurrent_cell(cell)
+    sizes = tuple(stacked) if stacked is not None else (hidden,) * layers
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"model.stacked / model.layers must give at least one layer of size >= 1, got {sizes}")
+    if vocab_size is None:
+        features = math.prod(input_shape)
+        steps = features if steps is None else steps
+        if steps < 1 or features % steps:
+            raise ConfigError(
+                f"model.steps={steps} does not divide the {features} input features; pick a divisor of {features}"
+            )
+        trunk = RecurrentTrunk(features // steps, sizes, rnn_cell, bidirectional, dropout, steps=steps)
+    else:
+        if steps is not None:
+            raise ConfigError("model.steps applies to tabular input only; remove it when model.vocab_size is set")
+        embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        trunk = RecurrentTrunk(embed_dim, sizes, rnn_cell, bidirectional, dropout, embed=embed)
+    width = trunk.out_features
+    head: list[nn.Module] = []
+    if dense is not None:
+        head += [nn.Linear(width, dense), nn.ReLU()]
+        width = dense
+    head.append(nn.Linear(width, num_classes))
+    input_dtype = torch.float32 if vocab_size is None else torch.long
+    return Classifier(trunk, nn.Sequential(*head), input_dtype=input_dtype)

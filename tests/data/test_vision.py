@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from dlkit.config import DataCfg
+from dlkit.data import DATASETS, load_data
+from dlkit.data.preprocess import ImagePrep, prep_from_dict, read_input
+from dlkit.data.split import part_sizes, stratified_split
+from dlkit.data.vision import image_bundle
+from dlkit.errors import DataError
+
+DIGITS = load_digits()
+RAW = torch.from_numpy((DIGITS.images[:, None] / 16.0).astype(np.float32))
+
+
+def test_digits_is_registered_and_shaped_like_mnist():
+    assert "digits" in DATASETS
+    b = load_data(DataCfg(name="digits"), seed=0)
+    assert [len(b.train), len(b.val), len(b.test)] == part_sizes(1797, (0.7, 0.1, 0.2))
+    assert b.train.x.shape == (1258, 1, 28, 28) and b.test.x.shape == (359, 1, 28, 28)
+    assert b.train.x.dtype == torch.float32 and b.train.y.dtype == torch.int64
+    assert b.classes == [str(i) for i in range(10)]
+    assert (b.task, b.input_kind, b.input_shape, b.num_outputs) == ("multiclass", "image", (1, 28, 28), 10)
+    assert 0.0 <= b.train.x.min().item() and b.train.x.max().item() <= 1.0
+    assert b.preprocessing == {
+        "kind": "image", "channels": 1, "size": [28, 28], "mean": None, "std": None, "invert": "auto"
+    }
+    counts = b.meta["class_counts"]
+    assert sum(map(sum, counts.values())) == 1797
+    assert [a + v + t for a, v, t in zip(counts["train"], counts["val"], counts["test"])] == np.bincount(
+        DIGITS.target
+    ).tolist()
+    assert "load_digits" in b.meta["source"]
+
+
+def test_training_tensors_are_the_saved_spec_applied_to_the_raw_images():
+    b = load_data(DataCfg(name="digits", normalize="standard"), seed=3)
+    tr, va, te = stratified_split(DIGITS.target, (0.7, 0.1, 0.2), seed=3)
+    spec = prep_from_dict(b.preprocessing)
+    assert torch.allclose(spec.apply(RAW[tr]), b.train.x, atol=1e-6)
+    assert torch.allclose(spec.apply(RAW[te]), b.test.x, atol=1e-6)
+    assert torch.equal(b.val.y, torch.from_numpy(DIGITS.target[va]))
+
+
+def test_standardisation_uses_the_training_split_only():
+    b = load_data(DataCfg(name="digits", normalize="standard"), seed=0)
+    tr, _, _ = stratified_split(DIGITS.target, (0.7, 0.1, 0.2), seed=0)
+    resized = ImagePrep(1, (28, 28), invert="auto").apply(RAW[tr])
+    assert b.preprocessing["mean"] == pytest.approx([resized.mean().item()], abs=1e-6)
+    assert b.preprocessing["std"] == pytest.approx([resized.std(unbiased=False).item()], abs=1e-6)
+    whole = ImagePrep(1, (28, 28)).apply(RAW).mean().item()
+    assert b.preprocessing["mean"][0] != pytest.approx(whole, abs=1e-5)
+    assert b.train.x.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert b.train.x.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    assert abs(b.test.x.mean().item()) > 1e-4  # unseen data are not exactly centred
+
+
+def test_split_sizes_image_size_and_subset_follow_the_config():
+    b = load_data(DataCfg(name="digits", val_split=0.25, test_split=0.15, image_size=16), seed=1)
+    assert [len(b.train), len(b.val), len(b.test)] == part_sizes(1797, (0.6, 0.25, 0.15))
+    assert b.train.x.shape[1:] == (1, 16, 16) and b.input_shape == (1, 16, 16)
+    b = load_data(DataCfg(name="digits", val_split=0.0, subset=100, image_size=8), seed=1)
+    assert b.val is None and b.meta["class_counts"]["val"] == [0] * 10
+    assert len(b.train) == 100 and set(b.meta["class_counts"]["train"]) <= {9, 10, 11}
+    tr, _, te = stratified_split(DIGITS.target, (0.8, 0.0, 0.2), seed=1)
+    picked = _indices_of(b.train.x)  # the subset is drawn from the training split alone
+    assert set(picked.tolist()) <= set(tr.tolist()) and len(b.test) == len(te)
+
+
+def _indices_of(x: torch.Tensor) -> torch.Tensor:
+    """Where the 8x8 images of `x` sit in the raw digits (they are all distinct)."""
+    flat = RAW.flatten(1)
+    return torch.tensor([int(torch.nonzero((flat == row).all(1))[0]) for row in x.flatten(1)])
+
+
+def test_fingerprint_is_fixed_by_the_seed():
+    cfg = DataCfg(name="digits", image_size=8)
+    a, b, c = load_data(cfg, 0), load_data(cfg, 0), load_data(cfg, 1)
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != c.fingerprint()
+
+
+def test_a_dark_on_light_drawing_predicts_like_the_training_image(tmp_path):
+    b = load_data(DataCfg(name="digits", normalize="standard"), seed=0)
+    tr, _, _ = stratified_split(DIGITS.target, (0.7, 0.1, 0.2), seed=0)
+    paper = 255 - np.round(DIGITS.images[tr[0]] / 16 * 255).astype(np.uint8)  # ink dark, paper white
+    Image.fromarray(paper).save(tmp_path / "drawn.png")
+    x = read_input(str(tmp_path / "drawn.png"), prep_from_dict(b.preprocessing))
+    assert x.shape == (1, 1, 28, 28)
+    assert torch.allclose(x[0], b.train.x[0], atol=0.02)
+
+
+def test_image_bundle_with_an_official_test_set_and_two_classes():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(40, 3, 6, 6), dtype=np.uint8)
+    y = np.repeat([0, 1], 20)
+    cfg = DataCfg(name="toy", val_split=0.25, normalize="standard")
+    b = image_bundle(x, y, x[:10], y[:10], ["cat", "dog"], cfg, 0, "toy: generated")
+    assert (len(b.train), len(b.val), len(b.test)) == (30, 10, 10)
+    assert b.task == "binary" and b.num_outputs == 1 and b.train.y.dtype == torch.float32
+    assert b.input_shape == (3, 6, 6) and len(b.preprocessing["mean"]) == 3
+    expected = torch.from_numpy(x[:10]).float() / 255
+    spec = prep_from_dict(b.preprocessing)
+    assert torch.allclose(b.test.x, spec.normalise(expected), atol=1e-5)
+
+
+def test_image_bundle_errors():
+    x = np.zeros((10, 1, 4, 4), dtype=np.float32)
+    y = np.arange(10) % 2
+    with pytest.raises(DataError, match="data set 't' has no official test split; set data.test_split > 0"):
+        image_bundle(x, y, None, None, ["a", "b"], DataCfg(name="t", test_split=0.0), 0, "toy: x")
+    with pytest.raises(DataError, match=r"images must be shaped \(N, 1 or 3, H, W\)"):
+        image_bundle(x[:, 0], y, None, None, ["a", "b"], DataCfg(name="t"), 0, "toy: x")
+    with pytest.raises(DataError, match=r"labels must lie in 0..1, got 0..2"):
+        image_bundle(x, y * 2, None, None, ["a", "b"], DataCfg(name="t"), 0, "toy: x")
+
+
+def test_image_bundle_can_turn_grey_images_into_rgb_for_imagenet_models():
+    cfg = DataCfg(name="digits3", image_size=32, subset=50)
+    b = image_bundle(RAW.numpy(), DIGITS.target, None, None, [str(i) for i in range(10)], cfg, 0,
+                     "digits: grey", channels=3, invert="auto")
+    assert b.train.x.shape == (50, 3, 32, 32) and b.input_shape == (3, 32, 32)
+    assert torch.equal(b.train.x[:, 0], b.train.x[:, 2])
+    assert prep_from_dict(b.preprocessing).channels == 3
