@@ -1,6 +1,7 @@
 """Recipes: YAML validated by pydantic, with `a.b=c` overrides and one-line errors."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -8,6 +9,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dlkit.errors import ConfigError, did_you_mean
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`; a string would reach model builders)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 class Strict(BaseModel):
@@ -137,7 +147,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read recipe file {path}: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -191,7 +201,7 @@ def set_epochs(raw: dict[str, Any], epochs: int) -> None:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return yaml.load(text, Loader=_YamlLoader) if text.strip() else ""
     except yaml.YAMLError:
         return text
 

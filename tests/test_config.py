@@ -1,0 +1,216 @@
+"""Recipes: the packaged YAMLs validate, `--set` overrides coerce types, every mistake is one ConfigError line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dlkit.config import Recipe, apply_overrides, parse_recipe, read_yaml, set_epochs
+from dlkit.errors import ConfigError, RegistryError
+from dlkit.models import build, check_args
+from dlkit.recipes import load_recipe, recipe_registry
+from dlkit.runner import build_model
+
+PACKAGED = ["breast-cancer-lstm", "digits-cnn", "digits-mlp"]
+
+
+def config_error(*args, **kwargs) -> str:
+    """The message of the ConfigError `load_recipe(*args, **kwargs)` raises; it must be one line."""
+    with pytest.raises(ConfigError) as info:
+        load_recipe(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_recipes_validate_and_are_named_after_their_file(name):
+    recipe = load_recipe(name)
+    assert isinstance(recipe, Recipe)
+    assert recipe.name == name
+    assert recipe.seed == 0
+    assert recipe.data.val_split == 0.1 and recipe.data.test_split == 0.2
+    assert recipe.expect.claims  # each seed write-up states what it achieved
+
+
+def test_packaged_recipes_hold_the_seed_settings():
+    cnn = load_recipe("digits-cnn")
+    assert (cnn.model.name, cnn.model.args()) == ("seed_cnn", {})
+    assert (cnn.train.epochs, cnn.train.batch_size) == (15, 32)
+    assert (cnn.train.optimizer.name, cnn.train.optimizer.lr) == ("adam", 0.001)
+    assert cnn.train.checkpoint.monitor == "val_accuracy"
+    mlp = load_recipe("digits-mlp")
+    assert mlp.model.args() == {"hidden": [128, 64]}
+    assert (mlp.train.epochs, mlp.train.batch_size) == (10, 20)
+    lstm = load_recipe("breast-cancer-lstm")
+    assert lstm.model.args() == {"steps": 1, "hidden": 64}
+    assert lstm.data.normalize == "standard"
+
+
+def test_overrides_parse_values_as_yaml_scalars():
+    raw = {"train": {"optimizer": {"name": "sgd"}}}
+    out = apply_overrides(raw, ["train.epochs=5", "train.optimizer.lr=1e-2", "train.optimizer.nesterov=true",
+                                "train.schedule.milestones=[5,8]", "data.name=digits", "data.path="])
+    assert out["train"]["epochs"] == 5 and type(out["train"]["epochs"]) is int
+    assert out["train"]["optimizer"]["lr"] == pytest.approx(0.01) and type(out["train"]["optimizer"]["lr"]) is float
+    assert out["train"]["optimizer"]["nesterov"] is True
+    assert out["train"]["schedule"]["milestones"] == [5, 8]
+    assert out["data"] == {"name": "digits", "path": ""}
+    assert out["train"]["optimizer"]["name"] == "sgd"
+    assert raw == {"train": {"optimizer": {"name": "sgd"}}}  # the input is left untouched
+
+
+def test_overrides_reach_the_validated_recipe_with_their_types():
+    recipe = load_recipe("digits-cnn", ["train.epochs=5", "train.optimizer.lr=1e-2", "train.optimizer.nesterov=true",
+                                        "train.schedule.name=multistep", "train.schedule.milestones=[5,8]",
+                                        "model.dropout=2.5e-1"])
+    assert recipe.train.epochs == 5
+    assert recipe.train.optimizer.lr == pytest.approx(0.01)
+    assert recipe.train.optimizer.nesterov is True
+    assert recipe.train.schedule.name == "multistep" and recipe.train.schedule.milestones == [5, 8]
+    # the model section is untyped: `2.5e-1` must arrive as a float, not as the string YAML 1.1 makes of it
+    assert recipe.model.args() == {"dropout": 0.25} and type(recipe.model.args()["dropout"]) is float
+    assert build_model(recipe, 10, (1, 28, 28)).head[3].p == 0.25
+
+
+def test_set_epochs_sets_the_train_section_and_every_stage():
+    raw = {"train": {"epochs": 10, "stages": [{"name": "head"}, {"name": "all", "epochs": 4}]}}
+    set_epochs(raw, 3)
+    assert raw["train"]["epochs"] == 3
+    assert [s["epochs"] for s in raw["train"]["stages"]] == [3, 3]
+    empty: dict = {}
+    set_epochs(empty, 2)
+    assert empty == {"train": {"epochs": 2}}
+
+
+def test_epochs_and_seed_options_win_over_set_overrides():
+    recipe = load_recipe("digits-cnn", ["train.epochs=3", "seed=4"])
+    assert (recipe.train.epochs, recipe.seed) == (3, 4)
+    recipe = load_recipe("digits-cnn", ["train.epochs=3", "seed=4"], epochs=7, seed=11)
+    assert (recipe.train.epochs, recipe.seed) == (7, 11)
+    recipe = load_recipe("digits-cnn", epochs=0, fields={"train.device": "cpu", "data.path": None})
+    assert (recipe.train.epochs, recipe.train.device, recipe.data.path) == (0, "cpu", None)
+    assert config_error("digits-cnn", epochs=-1) == "--epochs must be 0 or more, got -1"
+
+
+def test_a_yaml_path_with_stages_gets_epochs_everywhere(tmp_path):
+    path = tmp_path / "two-stage.yaml"
+    path.write_text(
+        "data: {name: digits}\nmodel: {name: mlp}\n"
+        "train:\n  epochs: 9\n  optimizer: {lr: 3e-4}\n  stages:\n    - {name: head, epochs: 2}\n    - {name: all}\n"
+    )
+    recipe = load_recipe(str(path), epochs=4)
+    assert recipe.name == "two-stage"
+    assert recipe.train.epochs == 4
+    assert recipe.train.optimizer.lr == pytest.approx(3e-4)
+    assert [(s.name, s.epochs) for s in recipe.train.stages] == [("head", 4), ("all", 4)]
+
+
+def test_unknown_field_suggests_the_close_one_and_lists_the_section():
+    message = config_error("digits-cnn", ["train.optimzer.lr=1"])
+    assert message.startswith("recipe 'digits-cnn': unknown field 'train.optimzer' (did you mean 'optimizer'?); ")
+    assert "allowed here: epochs, batch_size, eval_batch_size, loss, optimizer, schedule, stages" in message
+
+
+def test_unknown_nested_field_lists_the_allowed_fields():
+    message = config_error("digits-cnn", ["train.optimizer.lrr=1"])
+    assert message == (
+        "recipe 'digits-cnn': unknown field 'train.optimizer.lrr' (did you mean 'lr'?); "
+        "allowed here: name, lr, momentum, nesterov, weight_decay, betas, eps, alpha"
+    )
+    message = config_error("digits-cnn", ["train.early_stopping.zzz=1"])
+    assert message == (
+        "recipe 'digits-cnn': unknown field 'train.early_stopping.zzz'; "
+        "allowed here: monitor, mode, patience, min_delta, restore_best"
+    )
+
+
+def test_literal_value_suggests_and_lists_the_choices():
+    message = config_error("digits-cnn", ["train.optimizer.name=adm"])
+    assert message == (
+        "recipe 'digits-cnn': field 'train.optimizer.name' got 'adm' (did you mean 'adam'?); "
+        "allowed: sgd, adam, adamw, rmsprop"
+    )
+    message = config_error("digits-mlp", ["train.schedule.name=cosin"])
+    assert "did you mean 'cosine'" in message
+    assert message.endswith("allowed: constant, step, multistep, cosine, onecycle, plateau")
+
+
+def test_ill_typed_and_out_of_range_values():
+    assert config_error("digits-cnn", ["train.epochs=ten"]) == (
+        "recipe 'digits-cnn': field 'train.epochs' got 'ten': "
+        "input should be a valid integer, unable to parse string as an integer"
+    )
+    assert config_error("digits-cnn", ["data.val_split=1.5"]) == (
+        "recipe 'digits-cnn': field 'data.val_split' got 1.5: input should be less than 1"
+    )
+    assert config_error("digits-cnn", ["train.optimizer.lr=0"]) == (
+        "recipe 'digits-cnn': field 'train.optimizer.lr' got 0: input should be greater than 0"
+    )
+
+
+def test_set_without_equals_and_set_below_a_value():
+    assert config_error("digits-cnn", ["train.epochs"]) == (
+        "--set expects FIELD=VALUE (e.g. train.epochs=5), got 'train.epochs'"
+    )
+    assert config_error("digits-cnn", ["=3"]) == "--set expects FIELD=VALUE (e.g. train.epochs=5), got '=3'"
+    assert config_error("digits-cnn", ["train.epochs.x=1"]) == (
+        "--set train.epochs.x: 'train.epochs' is a value, not a section"
+    )
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data: {name: digits}\nmodel: {name: mlp\ntrain:\n  epochs: 3\n")
+    message = config_error(str(path))
+    assert message.startswith(f"recipe file {path} is not valid YAML at line ")
+    assert message.endswith("; fix the syntax")
+    line = int(message.split(" at line ")[1].split(";")[0])
+    assert line in (2, 3)  # the unclosed mapping of line 2, detected where line 3 begins
+    with pytest.raises(ConfigError, match="at line"):
+        read_yaml(Path(path))
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    assert config_error(str(path)) == f"recipe file {path} must hold a YAML mapping with data, model and train"
+    assert str(pytest.raises(ConfigError, parse_recipe, [1, 2]).value) == (
+        "recipe: a recipe must be a YAML mapping with data, model and train"
+    )
+
+
+def test_missing_yaml_path_and_missing_required_field(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert config_error(str(missing)) == (
+        f"recipe file {missing} not found; give a packaged recipe name (dlkit list recipes) or a YAML path"
+    )
+    path = tmp_path / "nodata.yaml"
+    path.write_text("model: {name: mlp}\n")
+    assert config_error(str(path)) == "recipe 'nodata': field 'data' is required"
+
+
+def test_unknown_recipe_name_suggests_the_close_one():
+    with pytest.raises(RegistryError) as info:
+        load_recipe("digits-cnm")
+    assert str(info.value) == (
+        "unknown recipe 'digits-cnm' (did you mean 'digits-cnn'?); available: " + ", ".join(PACKAGED)
+    )
+    assert recipe_registry().names() == PACKAGED
+
+
+def test_model_argument_the_builder_does_not_take():
+    expected = "unknown field 'model.dropot' for model 'mlp' (did you mean 'dropout'?); allowed: hidden, dropout, activation"
+    with pytest.raises(ConfigError) as info:
+        check_args("mlp", {"hidden": [8], "dropot": 0.1})
+    assert str(info.value) == expected
+    with pytest.raises(ConfigError) as info:
+        build("mlp", num_classes=3, input_shape=(4,), dropot=0.1)
+    assert str(info.value) == expected
+    recipe = load_recipe("digits-cnn", ["model.widht=3"])  # the model section is open until the builder is known
+    with pytest.raises(ConfigError) as info:
+        build_model(recipe, 10, (1, 28, 28))
+    assert str(info.value) == (
+        "unknown field 'model.widht' for model 'seed_cnn'; allowed: batch_norm, dropout"
+    )
+    check_args("mlp", {"hidden": [8], "dropout": 0.1, "activation": "gelu"})  # all known: no error
