@@ -1,8 +1,6 @@
 """Shared test settings: every test runs in its own temporary working folder."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 
@@ -10,8 +8,3 @@ import pytest
 def _isolated_cwd(tmp_path, monkeypatch):
     # runs/ and any other relative output land in the test's own folder
     monkeypatch.chdir(tmp_path)
-
-
-def full_runs() -> bool:
-    """True when DLKIT_FULL=1 asks slow tests for their untrimmed form."""
-    return os.environ.get("DLKIT_FULL") == "1"

@@ -64,6 +64,8 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
 
     run_dir = new_run_dir(recipe.name, out, runs_root)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "metrics.jsonl").touch()
+    (run_dir / "checkpoints").mkdir()
     callbacks = _callbacks(recipe.train, run_dir)
     try:
         history = fit(model, data, recipe.train, device=device, precision=precision, generator=generator,
