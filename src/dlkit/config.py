@@ -26,6 +26,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AugmentCfg(Strict):
+    """Random training-time augmentation, applied batched on tensors; everything off by default."""
+
+    crop_padding: int = Field(0, ge=0)  # random crop back to size after zero-padding each side
+    hflip: bool = False
+    vflip: bool = False
+    rotation: float = Field(0.0, ge=0.0, le=180.0)  # degrees, uniform in [-r, r]
+    shift: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of width/height, uniform in [-s, s]
+    zoom: float = Field(0.0, ge=0.0, lt=1.0)  # scale uniform in [1 - z, 1 + z]
+    shear: float = Field(0.0, ge=0.0, lt=90.0)  # degrees, uniform in [-s, s]
+    brightness: float = Field(0.0, ge=0.0, lt=1.0)  # colour jitter factors, uniform in [1 - b, 1 + b]
+    contrast: float = Field(0.0, ge=0.0, lt=1.0)
+    saturation: float = Field(0.0, ge=0.0, lt=1.0)
+
+    def enabled(self) -> bool:
+        """True when any augmentation is switched on."""
+        return any(v not in (0, 0.0, False) for v in self.model_dump().values())
+
+
 class DataCfg(Strict):
     name: str
     path: str | None = None  # the user's own folder or file (--data)
@@ -35,6 +54,10 @@ class DataCfg(Strict):
     image_size: int | None = Field(None, ge=1)  # square resize for image data
     normalize: Literal["none", "scale", "standard"] = "scale"
     subset: int | None = Field(None, ge=1)  # keep this many training examples (stratified)
+    channels: int | None = Field(None, ge=1, le=3)  # convert images to 1 (grey) or 3 (RGB) channels
+    verify: bool = True  # sha256-check official files before parsing them
+    bad_files: Literal["skip", "fail"] = "skip"  # unreadable images in a folder: skip with a count, or stop
+    augment: AugmentCfg = AugmentCfg()
 
 
 class ModelCfg(BaseModel):

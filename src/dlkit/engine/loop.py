@@ -20,6 +20,7 @@ from dlkit.engine.runtime import autocast, eval_mode
 from dlkit.errors import TrainingError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Augment = Callable[[Tensor, torch.Generator], Tensor]  # a training batch in, an augmented batch out
 
 
 @dataclass
@@ -64,6 +65,7 @@ class StepContext:
     batch_size: int
     generator: torch.Generator
     after_backward: Sequence[Callback] = ()
+    augment: Augment | None = None
 
 
 def train_one_epoch(model: nn.Module, split: TensorSplit, ctx: StepContext, progress: PlainProgress) -> dict[str, float]:
@@ -72,6 +74,8 @@ def train_one_epoch(model: nn.Module, split: TensorSplit, ctx: StepContext, prog
     total_loss = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), dtype=torch.long, device=ctx.device)
     for xb, yb in split.batches(ctx.batch_size, shuffle=True, generator=ctx.generator):
+        if ctx.augment is not None:
+            xb = ctx.augment(xb, ctx.generator)
         with autocast(ctx.device, ctx.precision):
             out = model(xb)
             loss = ctx.loss_fn(out, yb)
@@ -139,8 +143,12 @@ def resolve_stages(cfg: TrainCfg) -> list[StageCfg]:
 
 def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.device, precision: str,
         generator: torch.Generator, callbacks: Sequence[Callback] = (),
-        progress: PlainProgress | None = None) -> History:
-    """Train `model` on `data` through every stage of `cfg`; callbacks see every epoch."""
+        progress: PlainProgress | None = None, augment: Augment | None = None) -> History:
+    """Train `model` on `data` through every stage of `cfg`; callbacks see every epoch.
+
+    `augment`, when given, transforms each training batch (drawing from `generator`) before the
+    forward pass; validation and test data are never augmented.
+    """
     progress = progress or QuietProgress()
     model.to(device)
     loss_fn = loss_for(data.task, cfg.loss)
@@ -160,7 +168,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, stage.optimizer, device)
         ctx = StepContext(loss_fn, optimizer, Schedule(optimizer, stage.schedule, stage.epochs, steps),
-                          data.task, device, precision, cfg.batch_size, generator, after_backward)
+                          data.task, device, precision, cfg.batch_size, generator, after_backward, augment)
         state.stage, state.stop_stage = index, False
         first = state.epoch + 1
         for cb in callbacks:
