@@ -67,9 +67,14 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     (run_dir / "metrics.jsonl").touch()
     (run_dir / "checkpoints").mkdir()
     callbacks = _callbacks(recipe.train, run_dir)
+    augment = None
+    if recipe.data.augment.enabled():
+        from dlkit.data.transforms import make_augment
+
+        augment = make_augment(recipe.data.augment, data.preprocessing)
     try:
         history = fit(model, data, recipe.train, device=device, precision=precision, generator=generator,
-                      callbacks=callbacks, progress=progress)
+                      callbacks=callbacks, progress=progress, augment=augment)
     except TrainingError as exc:
         last = run_dir / "checkpoints" / "last.safetensors"
         kept = f"; the last good weights are in {last}" if last.is_file() else ""

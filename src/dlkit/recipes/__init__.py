@@ -22,11 +22,43 @@ def recipe_registry() -> Registry[Path]:
     return registry
 
 
-def recipe_source(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
-    """The raw YAML mapping of a packaged recipe name or a path to a YAML file, and its name."""
+def recipe_source(name_or_path: str | Path, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a packaged recipe name or a YAML path, with `extends: BASE` resolved."""
+    raw, name = _read_source(name_or_path)
+    base = raw.pop("extends", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"recipe '{name}': 'extends' must name a packaged recipe, got {base!r}")
+        chain = (*_chain, _reference(name_or_path))
+        if _reference(base) in chain:
+            raise ConfigError(f"recipe '{name}': 'extends' loops back to '{base}'; break the cycle")
+        parent, _ = recipe_source(base, chain)
+        raw = merge(parent, raw)
+        raw.pop("name", None)
+    return raw, name
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it, mapping by mapping (lists and values replace)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _is_path(name_or_path: str | Path) -> bool:
     text = str(name_or_path)
-    looks_like_path = isinstance(name_or_path, Path) or text.endswith((".yaml", ".yml")) or "/" in text
-    if looks_like_path:
+    return isinstance(name_or_path, Path) or text.endswith((".yaml", ".yml")) or "/" in text
+
+
+def _reference(name_or_path: str | Path) -> str:
+    """One spelling per recipe: the resolved path of a file, or the packaged name."""
+    return str(Path(name_or_path).expanduser().resolve()) if _is_path(name_or_path) else str(name_or_path)
+
+
+def _read_source(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
+    text = str(name_or_path)
+    if _is_path(name_or_path):
         path = Path(text).expanduser()
         if not path.is_file():
             raise ConfigError(f"recipe file {path} not found; give a packaged recipe name (dlkit list recipes) or a YAML path")

@@ -1,0 +1,89 @@
+"""dlkit's model surface on top of models that keep torchvision's parameter names.
+
+A torchvision ImageNet checkpoint loads into these models with `strict=True`, so their top-level
+modules keep torchvision's names (`features`/`avgpool`/`classifier`, `conv1`/.../`fc`). dlkit's
+surface (`features`, `head`, `cam_layer`, `blocks`) is therefore made of *views*: Sequentials over
+modules the model already registers, kept out of `_modules` so that no weight is listed twice in
+`state_dict` (safetensors refuses shared tensors) and `forward(x) == head(features(x))` still holds.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dlkit.errors import ConfigError
+
+
+class TorchvisionLayout(nn.Module):
+    """Base of the torchvision-layout models: `head`, `cam_layer`, `blocks`, `reset_classifier`.
+
+    A subclass sets `head_names` (its top-level modules after the trunk, e.g. avgpool, flatten,
+    classifier), `cam_path`, `last_linear` (the path of the final Linear) and `trunk_blocks()`;
+    it registers `features` itself or defines it as a property over `view(...)`.
+    """
+
+    input_dtype = torch.float32
+    head_names: tuple[str, ...] = ("avgpool", "flatten", "classifier")
+    cam_path = "features"
+    last_linear = "classifier.6"
+
+    def view(self, key: str, names: Sequence[str]) -> nn.Sequential:
+        """A Sequential over the named top-level modules, rebuilt only when one of them was replaced."""
+        parts = [(name, getattr(self, name)) for name in names]
+        cached = self.__dict__.get(key)
+        if cached is None or any(a is not b for (_, a), b in zip(parts, cached.children(), strict=True)):
+            cached = nn.Sequential(OrderedDict(parts))
+            # straight into __dict__: nn.Module.__setattr__ would register it and list every weight twice
+            self.__dict__[key] = cached
+        return cached
+
+    @property
+    def head(self) -> nn.Sequential:
+        """Pooling, flatten and the classifier: `forward(x) == head(features(x))`."""
+        return self.view("_head_view", self.head_names)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The last conv stage, whose output Grad-CAM reads."""
+        return self.get_submodule(self.cam_path)
+
+    def trunk_blocks(self) -> list[nn.Module]:
+        """The trunk's parameter groups, input side first."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Parameter groups for staged unfreezing: the trunk's, input side first, then `head`."""
+        return [*self.trunk_blocks(), self.head]
+
+    def init_linear(self, layer: nn.Linear) -> None:
+        """Initialise a fresh final Linear the way this family's constructor does (PyTorch's default here)."""
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the final Linear with a fresh one giving `num_classes` outputs."""
+        old = self.get_submodule(self.last_linear)
+        new = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        self.init_linear(new)
+        self.set_submodule(self.last_linear, new)
+
+
+def conv_groups(features: nn.Sequential) -> list[nn.Sequential]:
+    """Split a plain conv trunk at each Conv2d: each conv with its norm, activation and pooling."""
+    starts = [i for i, layer in enumerate(features) if isinstance(layer, nn.Conv2d)]
+    # slicing keeps the original keys ("3", "4", ...) and the very same modules
+    return [features[a:b] for a, b in zip(starts, [*starts[1:], len(features)])]
+
+
+def image_channels(input_shape: Sequence[int], min_side: int, model: str) -> int:
+    """The channel count of an image `input_shape` (C, H, W); a ConfigError if it is not one or too small."""
+    if len(input_shape) != 3:
+        raise ConfigError(f"{model} needs images shaped (channels, height, width), got input_shape {tuple(input_shape)}")
+    channels, height, width = input_shape
+    if min(height, width) < min_side:
+        raise ConfigError(
+            f"input_shape {tuple(input_shape)} is too small for {model}: it needs height and width >= {min_side}"
+        )
+    return channels

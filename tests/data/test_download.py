@@ -1,0 +1,284 @@
+"""download.py against a loopback HTTP server and generated archives: verified fetches, mirrors,
+dropped connections, the offline message, and archive members that try to escape their folder."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import socket
+import struct
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlkit.config import DataCfg
+from dlkit.data import download, idx, load_data
+from dlkit.data.download import RemoteFile, cache_dir, fetch, locate, safe_extract, sha256_file
+from dlkit.errors import DataError
+
+GOOD = bytes(range(256)) * 64
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET /<mode>/<name>: ok serves the file, wrong other bytes, drop half of it and hangs up, 404 not found."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.server.hits.append(self.path)
+        mode, _, name = self.path.strip("/").partition("/")
+        body = self.server.files.get(name)
+        if mode == "missing" or body is None:
+            self.send_error(404)
+            return
+        if mode == "wrong":
+            body = b"x" * len(body)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) + (1000 if mode == "drop" else 0)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if mode == "drop" else body)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.files, srv.hits = {}, []
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    watchdog = threading.Timer(30.0, srv.shutdown)  # bounded even if a test hangs
+    watchdog.daemon = True
+    watchdog.start()
+    yield srv
+    watchdog.cancel()
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_and_private_cache(tmp_path, monkeypatch):
+    # a proxy from the environment would swallow loopback requests; the cache must not be the user's
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _parts(folder: Path) -> list[Path]:
+    return list(folder.glob("*.part")) if folder.exists() else []
+
+
+def test_cache_dir_follows_xdg_and_falls_back_to_home(tmp_path, monkeypatch):
+    assert cache_dir("mnist") == tmp_path / "xdg" / "dlkit" / "datasets" / "mnist"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir("cifar10") == tmp_path / "home" / ".cache" / "dlkit" / "datasets" / "cifar10"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert cache_dir("cifar10") == tmp_path / "home" / ".cache" / "dlkit" / "datasets" / "cifar10"
+
+
+def test_fetch_lands_a_verified_file_and_no_part(server, tmp_path):
+    server.files["a.bin"] = GOOD
+    path = fetch(RemoteFile("a.bin", _sha(GOOD), (f"{server.url}/ok/a.bin",), len(GOOD)), tmp_path / "d")
+    assert path == tmp_path / "d" / "a.bin" and path.read_bytes() == GOOD
+    assert sha256_file(path) == _sha(GOOD) and _parts(tmp_path / "d") == []
+
+
+@pytest.mark.parametrize("first", ["wrong", "drop", "missing"])
+def test_a_bad_mirror_is_skipped_for_the_next(server, tmp_path, first):
+    server.files["a.bin"] = GOOD
+    urls = (f"{server.url}/{first}/a.bin", f"{server.url}/ok/a.bin")
+    path = fetch(RemoteFile("a.bin", _sha(GOOD), urls), tmp_path)
+    assert path.read_bytes() == GOOD and server.hits == [f"/{first}/a.bin", "/ok/a.bin"]
+    assert _parts(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode, reason", [("wrong", "sha256 mismatch"), ("drop", "connection dropped"),
+                                          ("missing", "HTTP 404")])
+def test_when_every_url_fails_nothing_is_left(server, tmp_path, mode, reason):
+    server.files["a.bin"] = GOOD
+    urls = (f"{server.url}/{mode}/a.bin", f"{server.url}/{mode}/a.bin")
+    with pytest.raises(DataError, match=reason) as err:
+        fetch(RemoteFile("a.bin", _sha(GOOD), urls), tmp_path)
+    assert "a.bin" in str(err.value) and "\n" not in str(err.value)
+    assert len(server.hits) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_body_longer_than_the_known_size_is_cut_off(server, tmp_path):
+    server.files["a.bin"] = GOOD
+    with pytest.raises(DataError, match="more than the expected 10 bytes"):
+        fetch(RemoteFile("a.bin", _sha(GOOD), (f"{server.url}/ok/a.bin",), 10), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_locate_downloads_into_the_cache_once(server, tmp_path):
+    server.files["a.bin"], server.files["b.bin"] = GOOD, GOOD[::-1]
+    files = [RemoteFile(n, _sha(server.files[n]), (f"{server.url}/ok/{n}",)) for n in ("a.bin", "b.bin")]
+    paths = locate("toy", files, DataCfg(name="toy"))
+    cache = tmp_path / "xdg" / "dlkit" / "datasets" / "toy"
+    assert paths == {"a.bin": cache / "a.bin", "b.bin": cache / "b.bin"}
+    assert paths["b.bin"].read_bytes() == GOOD[::-1] and _parts(cache) == []
+    assert locate("toy", files, DataCfg(name="toy")) == paths and len(server.hits) == 2  # no new request
+
+
+def test_offline_is_one_line_naming_files_urls_and_folders(tmp_path):
+    dead = _closed_port_url()
+    files = [RemoteFile(n, "0" * 64, (f"{dead}/x/{n}", f"{dead}/y/{n}")) for n in ("a.gz", "b.gz")]
+    with pytest.raises(DataError) as err:
+        locate("toy", files, DataCfg(name="toy"))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("toy: no copy on disk and the download failed")
+    for f in files:
+        assert f.name in msg and all(u in msg for u in f.urls)
+    assert str(tmp_path / "xdg" / "dlkit" / "datasets" / "toy") in msg and "--data-dir" in msg
+    assert _parts(tmp_path / "xdg" / "dlkit" / "datasets" / "toy") == []
+
+
+def test_data_dir_files_must_be_present_and_official(tmp_path):
+    (tmp_path / "a.gz").write_bytes(GOOD)
+    files = [RemoteFile("a.gz", _sha(GOOD), ()), RemoteFile("b.gz", _sha(GOOD), ())]
+    with pytest.raises(DataError, match=r"b\.gz not found in .*; put the official files there"):
+        locate("toy", files, DataCfg(name="toy", data_dir=str(tmp_path)))
+    (tmp_path / "b.gz").write_bytes(GOOD[:-1])
+    with pytest.raises(DataError, match=r"sha256 mismatch for b\.gz .*--set data\.verify=false"):
+        locate("toy", files, DataCfg(name="toy", data_dir=str(tmp_path)))
+    paths = locate("toy", files, DataCfg(name="toy", data_dir=str(tmp_path), verify=False))
+    assert paths == {"a.gz": tmp_path / "a.gz", "b.gz": tmp_path / "b.gz"}
+    with pytest.raises(DataError, match="does not exist"):
+        locate("toy", files, DataCfg(name="toy", data_dir=str(tmp_path / "nope")))
+
+
+def test_a_corrupt_cached_file_is_reported_not_used(tmp_path):
+    cache = cache_dir("toy")
+    cache.mkdir(parents=True)
+    (cache / "a.gz").write_bytes(b"junk")
+    files = [RemoteFile("a.gz", _sha(GOOD), ())]
+    with pytest.raises(DataError, match="sha256 mismatch for a.gz .*delete it to download it again"):
+        locate("toy", files, DataCfg(name="toy"))
+    assert locate("toy", files, DataCfg(name="toy", verify=False))["a.gz"].read_bytes() == b"junk"
+
+
+def _idx(magic: int, arr: np.ndarray) -> bytes:
+    return gzip.compress(struct.pack(f">I{arr.ndim}I", magic, *arr.shape) + arr.astype(np.uint8).tobytes())
+
+
+def test_mnist_downloads_through_its_table_then_loads(server, monkeypatch, tmp_path):
+    rng = np.random.default_rng(0)
+    sets = {"train": (rng.integers(0, 255, (30, 28, 28)), np.arange(30) % 10),
+            "t10k": (rng.integers(0, 255, (10, 28, 28)), np.arange(10) % 10)}
+    table = []
+    for split, (x, y) in sets.items():
+        for kind, magic, arr in (("images-idx3", 0x803, x), ("labels-idx1", 0x801, y)):
+            name = f"{split}-{kind}-ubyte.gz"
+            server.files[name] = _idx(magic, arr)
+            urls = (f"{server.url}/missing/{name}", f"{server.url}/ok/{name}")
+            table.append(RemoteFile(name, _sha(server.files[name]), urls))
+    monkeypatch.setitem(idx.FILES, "mnist", tuple(table))
+    bundle = load_data(DataCfg(name="mnist"), seed=0)
+    assert len(bundle.train) + len(bundle.val) == 30 and len(bundle.test) == 10
+    assert bundle.test.y.tolist() == list(range(10))
+    assert sorted(p.name for p in cache_dir("mnist").iterdir()) == sorted(r.name for r in table)
+
+
+# --- safe_extract -------------------------------------------------------------------------------
+
+
+def _tar(path: Path, members: list[tarfile.TarInfo], payload: bytes = b"hello") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for m in members:
+            if m.isfile():
+                m.size = len(payload)
+                tar.addfile(m, io.BytesIO(payload))
+            else:
+                tar.addfile(m)
+    return path
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    m = tarfile.TarInfo(name)
+    m.type, m.linkname = kind, link
+    return m
+
+
+def test_a_good_tar_and_zip_extract_into_place(tmp_path):
+    archive = _tar(tmp_path / "a.tar.gz", [_info("top", tarfile.DIRTYPE), _info("top/x.txt"), _info("./y.txt")])
+    out = safe_extract(archive, tmp_path / "out")
+    assert (out / "top" / "x.txt").read_bytes() == b"hello" and (out / "y.txt").read_bytes() == b"hello"
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        zf.writestr("d/z.txt", "zip")
+    assert (safe_extract(tmp_path / "a.zip", tmp_path / "zout") / "d" / "z.txt").read_text() == "zip"
+    with pytest.raises(DataError, match="already exists"):
+        safe_extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz", "a.zip", "out", "zout"]
+
+
+@pytest.mark.parametrize("bad, why", [
+    (_info("../evil"), "its path leaves the folder"),
+    (_info("ok/../../evil"), "its path leaves the folder"),
+    (_info("/abs/evil"), "its path leaves the folder"),
+    (_info("link", tarfile.SYMTYPE, "/etc/passwd"), "a symlink"),
+    (_info("hard", tarfile.LNKTYPE, "top/x.txt"), "a hard link"),
+    (_info("dev", tarfile.CHRTYPE), "a device"),
+    (_info("pipe", tarfile.FIFOTYPE), "a fifo"),
+])
+def test_unsafe_tar_members_are_refused_and_nothing_is_left(tmp_path, bad, why):
+    work = tmp_path / "work"
+    work.mkdir()
+    archive = _tar(tmp_path / "bad.tar.gz", [_info("top/x.txt"), bad])
+    with pytest.raises(DataError, match=f"refused member '{bad.name}' of bad.tar.gz: {why}"):
+        safe_extract(archive, work / "dest")
+    assert list(work.iterdir()) == [] and not (tmp_path / "evil").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz", "work"]
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/abs.txt", "a/../../evil.txt", "..\\evil.txt", "C:/evil.txt"])
+def test_zip_slip_is_refused(tmp_path, name):
+    work = tmp_path / "work"
+    work.mkdir()
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
+        zf.writestr("fine.txt", "ok")
+        zf.writestr(zipfile.ZipInfo(name), "evil")
+    with pytest.raises(DataError, match="leaves the folder"):
+        safe_extract(tmp_path / "bad.zip", work / "dest")
+    assert list(work.iterdir()) == [] and not (tmp_path / "evil.txt").exists()
+
+
+def test_zip_symlink_is_refused(tmp_path):
+    info = zipfile.ZipInfo("link")
+    info.external_attr = 0o120777 << 16
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(DataError, match="refused member 'link' of bad.zip: a symlink"):
+        safe_extract(tmp_path / "bad.zip", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_corrupt_archive_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "bad.tar.gz").write_bytes(gzip.compress(b"not a tar at all" * 100)[:50])
+    with pytest.raises(DataError, match="cannot unpack bad.tar.gz: .*delete it and download it again"):
+        safe_extract(tmp_path / "bad.tar.gz", tmp_path / "dest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.gz"]
+
+
+def test_no_url_override_environment_variable_exists():
+    source = Path(download.__file__).read_text() + Path(idx.__file__).read_text()
+    assert "DLKIT_DATA_URL_OVERRIDE" not in source
