@@ -110,7 +110,7 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
 
 
 @pytest.mark.parametrize("payload, refused", [
-    (pickle.dumps(eval, protocol=2), "builtins.eval"),
+    (pickle.dumps(eval, protocol=2), "__builtin__.eval"),  # protocol 2 writes Python 2's module name
     (pickle.dumps(tarfile.TarFile, protocol=2), "tarfile.TarFile"),
     (b"\x80\x02cos\nsystem\nq\x00.", "os.system"),
     (b"\x80\x02ccopy_reg\n_reconstructor\nq\x00.", "copy_reg._reconstructor"),
@@ -133,7 +133,7 @@ def test_the_unpickler_reads_arrays_lists_dicts_bytes_and_str():
     (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, protocol=2), "one label per image"),
 ])
 def test_malformed_batches_are_one_line_errors(payload, message):
-    with pytest.raises(DataError, match=f"data_batch_1: {message}"):
+    with pytest.raises(DataError, match=f"data_batch_1: .*{message}"):
         cifar.parse_batch(payload, "data_batch_1")
 
 

@@ -42,7 +42,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,  # how protocol 2 writes bytes from Python 3
     # plain containers, under their Python 3 and Python 2 module names
-    **{(mod, name): getattr(builtins, name) for mod in ("builtins", "__builtin__") for name in ("bytes", "str", "list", "dict")},
+    **{(mod, name): getattr(builtins, name)
+       for mod in ("builtins", "__builtin__") for name in ("bytes", "str", "list", "dict")},
 }
 
 
@@ -157,8 +158,9 @@ def load_cifar10(cfg: DataCfg, seed: int) -> DataBundle:
     else:
         path = locate("cifar10", (ARCHIVE,), cfg)[ARCHIVE.name]  # sha256-checked before any unpickling
         files, where = read_archive(path), path
-    parts = [parse_batch(files[n], f"{where}:{n}") for n in TRAIN_BATCHES]
-    x_test, y_test = parse_batch(files[TEST_BATCH], f"{where}:{TEST_BATCH}")
+    # pop each file's bytes as it is parsed, so raw bytes and arrays are never all held at once
+    parts = [parse_batch(files.pop(n), f"{where}:{n}") for n in TRAIN_BATCHES]
+    x_test, y_test = parse_batch(files.pop(TEST_BATCH), f"{where}:{TEST_BATCH}")
     classes = parse_meta(files.get(META), f"{where}:{META}")
     if len(classes) != len(CLASSES):
         raise DataError(f"{where}:{META} names {len(classes)} classes, CIFAR-10 has 10; download it again")

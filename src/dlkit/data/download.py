@@ -55,13 +55,22 @@ def sha256_file(path: Path) -> str:
 def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 30.0) -> Path:
     """Download `remote` into dest_dir, trying each URL in turn; only a verified file keeps its name."""
     dest_dir.mkdir(parents=True, exist_ok=True)
-    failures = []
+    failures: dict[str, str] = {}
     for url in remote.urls:
         try:
             return _fetch_one(url, remote, dest_dir, timeout)
         except (OSError, http.client.HTTPException, ValueError, DataError) as exc:
-            failures.append(f"{url}: {_reason(exc)}")
-    raise DataError(f"could not download {remote.name} from any of its URLs ({'; '.join(failures)})")
+            failures[url] = _reason(exc)
+    raise FetchError(remote.name, failures)
+
+
+class FetchError(DataError):
+    """Every URL of a file failed; `failures` maps each URL to why."""
+
+    def __init__(self, name: str, failures: dict[str, str]):
+        self.failures = failures
+        detail = "; ".join(f"{url}: {why}" for url, why in failures.items())
+        super().__init__(f"could not download {name} from any of its URLs ({detail or 'none given'})")
 
 
 def _fetch_one(url: str, remote: RemoteFile, dest_dir: Path, timeout: float) -> Path:
@@ -71,8 +80,7 @@ def _fetch_one(url: str, remote: RemoteFile, dest_dir: Path, timeout: float) -> 
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f"{remote.name}.", suffix=".part")
     part = Path(tmp)
     try:
-        h = hashlib.sha256()
-        received = 0
+        h, received = hashlib.sha256(), 0
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
@@ -124,7 +132,7 @@ def locate(dataset: str, files: Sequence[RemoteFile], cfg: DataCfg) -> dict[str,
             continue
         try:
             found[remote.name] = fetch(remote, cache)
-        except DataError as exc:
+        except FetchError as exc:
             missing = [r for r in files[i:] if r.name not in found]
             raise DataError(_offline_message(dataset, missing, cache, exc)) from None
     return found
@@ -154,12 +162,13 @@ def _from_data_dir(dataset: str, files: Sequence[RemoteFile], folder: Path, veri
     return paths
 
 
-def _offline_message(dataset: str, missing: Sequence[RemoteFile], cache: Path, exc: DataError) -> str:
-    """One line: what could not be fetched, from where, and where to put it by hand."""
+def _offline_message(dataset: str, missing: Sequence[RemoteFile], cache: Path, exc: FetchError) -> str:
+    """One line: why the download failed, what to get from where, and where to put it by hand."""
+    reasons = ", ".join(dict.fromkeys(exc.failures.values())) or "no URL known"
     wanted = "; ".join(f"{r.name} ({', '.join(r.urls)})" for r in missing)
     return (
-        f"{dataset}: no copy on disk and the download failed [{exc}]; get {wanted} and put them in "
-        f"{cache}, or pass --data-dir FOLDER holding them"
+        f"{dataset}: no copy on disk and the download failed ({reasons}); get {wanted} and put the files "
+        f"in {cache}, or pass --data-dir FOLDER holding them"
     )
 
 
@@ -242,14 +251,10 @@ def _member_path(root: Path, name: str, archive: Path) -> Path:
     return target
 
 
+_TAR_KINDS = {tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
+              tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a fifo"}
+
+
 def _tar_kind(m: tarfile.TarInfo) -> str:
     """What a non-file tar member is, for the refusal message."""
-    if m.issym():
-        return "a symlink"
-    if m.islnk():
-        return "a hard link"
-    if m.ischr() or m.isblk():
-        return "a device"
-    if m.isfifo():
-        return "a fifo"
-    return "a special member"
+    return _TAR_KINDS.get(m.type, "a special member")

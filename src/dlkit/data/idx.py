@@ -20,7 +20,10 @@ LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension (count)
 _CHUNK = 1 << 20
 _MAX_PAYLOAD = 1 << 31  # no IDX data set dlkit reads comes near 2 GiB; a bigger header is corrupt
 
-_MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/")
+_MNIST_URLS = (  # yann.lecun.com no longer serves them reliably; torchvision and TF use these
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
 _FASHION_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -30,19 +33,22 @@ def _remote(name: str, sha256: str, size: int, bases: tuple[str, ...]) -> Remote
     return RemoteFile(name, sha256, tuple(base + name for base in bases), size)
 
 
-# sha256 digests and sizes of the official files (the ones torchvision's and TFDS' tables agree on)
+_M, _F = _MNIST_URLS, _FASHION_URLS
+
+
+# sha256 digests and sizes of the official files, as published in torchvision's dataset tables
 FILES: dict[str, tuple[RemoteFile, ...]] = {
     "mnist": (
-        _remote(TRAIN_IMAGES, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9912422, _MNIST_URLS),
-        _remote(TRAIN_LABELS, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28881, _MNIST_URLS),
-        _remote(TEST_IMAGES, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1648877, _MNIST_URLS),
-        _remote(TEST_LABELS, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4542, _MNIST_URLS),
+        _remote(TRAIN_IMAGES, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9912422, _M),
+        _remote(TRAIN_LABELS, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28881, _M),
+        _remote(TEST_IMAGES, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1648877, _M),
+        _remote(TEST_LABELS, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4542, _M),
     ),
     "fashion_mnist": (
-        _remote(TRAIN_IMAGES, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", 26421880, _FASHION_URLS),
-        _remote(TRAIN_LABELS, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", 29515, _FASHION_URLS),
-        _remote(TEST_IMAGES, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", 4422102, _FASHION_URLS),
-        _remote(TEST_LABELS, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", 5148, _FASHION_URLS),
+        _remote(TRAIN_IMAGES, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", 26421880, _F),
+        _remote(TRAIN_LABELS, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", 29515, _F),
+        _remote(TEST_IMAGES, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", 4422102, _F),
+        _remote(TEST_LABELS, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", 5148, _F),
     ),
 }
 DIGITS = [str(i) for i in range(10)]

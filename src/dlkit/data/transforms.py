@@ -5,11 +5,14 @@
 seed gives the same batch on any device), then:
 
 - flips and random crops only (the CIFAR hot path): one `gather` of whole pixels, exact copies,
-  padding of raw 0 (black). Measured on this 2-core CPU, 128x3x32x32: ~0.9 ms per batch (with a
-  ResNet-20 fp32 training step at ~330 ms, 0.3%);
+  padding of raw 0 (black);
 - any of rotation / shift / zoom / shear: one combined affine (flips and crop offsets folded in)
-  through `affine_grid` + bilinear `grid_sample`, zero padding in raw space: ~4 ms per batch;
+  through `affine_grid` + bilinear `grid_sample`, zero padding in raw space;
 - colour jitter (brightness, contrast, saturation): in raw [0, 1] space, clamped, re-normalised.
+
+Measured on the 2-core dev CPU, batch 128x3x32x32 channels_last (median of 50): crop+flip 0.5 ms,
+full affine 1.1 ms, affine+crop+jitter 1.6 ms, against a ResNet-20 training step of ~100-150 ms
+(fp32) / 73 ms (bf16): 0.5% / 0.7% of a step for crop+flip, 1.1% / 1.5% for the affine.
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ class BatchAugment:
         """Augment a batch (N, C, H, W); dtype, shape, device and memory format are kept."""
         n, _, h, w = x.shape
         given = x
-        u = torch.rand(n, _DRAWS, generator=generator).to(x.device)
+        u = torch.rand(n, _DRAWS, generator=generator, device=generator.device).to(x.device)
         if n == 0:
             return x
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -106,8 +109,8 @@ def translate_flip(x: Tensor, shift: Tensor, flip: Tensor, pad: int, fill: Tenso
     src = x.permute(0, 2, 3, 1).contiguous() if nhwc else x
     if pad > 0:
         padded = src.new_empty((n, hp, wp, c) if nhwc else (n, c, hp, wp))
-        padded.copy_((fill if fill is not None else x.new_zeros(1)).reshape((1, 1, 1, -1) if nhwc else (1, -1, 1, 1))
-                      .expand_as(padded))
+        value = x.new_zeros(1) if fill is None else fill
+        padded.copy_(value.reshape((1, 1, 1, -1) if nhwc else (1, -1, 1, 1)).expand_as(padded))
         if nhwc:
             padded[:, pad : pad + h, pad : pad + w] = src
         else:

@@ -1,8 +1,9 @@
 """AlexNet (Krizhevsky et al. 2012) and its refinement ZFNet (Zeiler & Fergus 2013).
 
-- `alexnet`: torchvision's ImageNet layout (its single-GPU variant: 64/192/384/256/256 channels, no
-  LRN), same parameter names, so its checkpoints load with `strict=True`; 61,100,840 params at
-  1000 classes. It needs 63x63 inputs or more (11x11/4 conv, three 3x3/2 pools).
+- `alexnet`: torchvision's ImageNet layout (the one-column variant of Krizhevsky's 2014 "One weird
+  trick": 64/192/384/256/256 channels, no LRN), same parameter names, so its checkpoints load with
+  `strict=True`; 61,100,840 params at 1000 classes. It needs 63x63 inputs or more (11x11/4 conv,
+  three 3x3/2 pools).
 - `alexnet32` (S1.4 cifar10-alexnet): the same five convs and three dense layers sized for 32x32.
 - `zfnet` (S1.5 cifar10-zfnet): ZFNet's 5 convs, 3 max-pools, 3 dense layers sized for 32x32.
 """

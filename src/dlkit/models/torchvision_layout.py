@@ -80,7 +80,8 @@ def conv_groups(features: nn.Sequential) -> list[nn.Sequential]:
 def image_channels(input_shape: Sequence[int], min_side: int, model: str) -> int:
     """The channel count of an image `input_shape` (C, H, W); a ConfigError if it is not one or too small."""
     if len(input_shape) != 3:
-        raise ConfigError(f"{model} needs images shaped (channels, height, width), got input_shape {tuple(input_shape)}")
+        shape = tuple(input_shape)
+        raise ConfigError(f"{model} needs images shaped (channels, height, width), got input_shape {shape}")
     channels, height, width = input_shape
     if min(height, width) < min_side:
         raise ConfigError(

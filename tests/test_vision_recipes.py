@@ -1,0 +1,116 @@
+"""Every vision recipe's -smoke variant end to end, on files written in the official formats."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from dlkit import run
+from dlkit.predict import Predictor
+from dlkit.recipes import load_recipe
+
+pytestmark = pytest.mark.slow
+
+MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def idx_file(path: Path, array: np.ndarray) -> None:
+    """An IDX file as MNIST ships it: magic (0x801 labels / 0x803 images), big-endian sizes, bytes."""
+    magic = 0x801 if array.ndim == 1 else 0x803
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def digit_images(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real handwritten digits (sklearn's 8x8 scans) enlarged into 28x28 uint8 frames, like MNIST."""
+    digits = load_digits()
+    idx = (np.arange(n) + offset) % len(digits.target)
+    small = digits.images[idx] / 16.0
+    big = np.kron(small, np.ones((3, 3)))  # 24x24, nearest-neighbour
+    frames = np.zeros((n, 28, 28))
+    frames[:, 2:26, 2:26] = big
+    return (frames * 255).astype(np.uint8), digits.target[idx].astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("mnist")
+    x, y = digit_images(1200, 0)
+    xt, yt = digit_images(300, 1200)
+    for name, arr in zip(MNIST_NAMES, (x, y, xt, yt)):
+        idx_file(folder / name, arr)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cifar_archive(tmp_path_factory) -> Path:
+    """cifar-10-python.tar.gz in the official layout: pickled dicts with bytes keys, protocol 2."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("cifar") / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name: str, obj: dict) -> None:
+            data = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            labels = rng.integers(0, 10, 40)
+            add(name, {b"data": rng.integers(0, 256, (40, 3072), dtype=np.uint8), b"labels": labels.tolist()})
+        add("batches.meta", {b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog",
+                                              b"frog", b"horse", b"ship", b"truck"]})
+    return path
+
+
+MNIST_RECIPES = ["mnist-cnn", "fashion-mnist-cnn", "mnist-lenet", "mnist-mlp", "mnist-cnn3"]
+CIFAR_RECIPES = ["cifar10-cnn", "cifar10-alexnet", "cifar10-zfnet", "cifar10-resnet"]
+
+
+@pytest.mark.parametrize("recipe", MNIST_RECIPES)
+def test_mnist_smoke_recipes_learn(recipe, mnist_dir, tmp_path):
+    result = run(f"{recipe}-smoke", overrides=["data.verify=false"], out=tmp_path / "run",
+                 fields={"data.data_dir": str(mnist_dir)})
+    s = result.summary
+    n_val = round(1200 * load_recipe(recipe).data.val_split)
+    assert (s["n_train"], s["n_val"], s["n_test"]) == (512, n_val, 300)  # subset: 512 of the rest
+    assert sum(s["class_counts"]["test"]) == 300
+    assert s["test_accuracy"] > 0.3, s  # one epoch on 512 real digits: well above chance (0.1)
+
+
+@pytest.mark.parametrize("recipe", CIFAR_RECIPES)
+def test_cifar_smoke_recipes_run(recipe, cifar_archive, tmp_path):
+    result = run(f"{recipe}-smoke", overrides=["data.verify=false"], out=tmp_path / "run",
+                 fields={"data.data_dir": str(cifar_archive.parent)})
+    s = result.summary
+    assert s["n_test"] == 40 and s["n_train"] + s["n_val"] == 200
+    assert 0.0 <= s["test_accuracy"] <= 1.0 and np.isfinite(s["test_loss"])
+    bundle = json.loads((result.run_dir / "bundle.json").read_text())
+    assert bundle["input_shape"] == [3, 32, 32] and bundle["classes"][0] == "airplane"
+
+
+def test_predict_a_users_png_and_jpeg_with_the_bundles_preprocessing(mnist_dir, tmp_path):
+    result = run("mnist-cnn-smoke", overrides=["data.verify=false", "train.epochs=3"], out=tmp_path / "run",
+                 fields={"data.data_dir": str(mnist_dir)})
+    x, y = digit_images(40, 1500)
+    predictor = Predictor.from_run(result.run_dir)
+    paths = []
+    for i, fmt in enumerate(["png", "jpeg"] * 20):
+        path = tmp_path / f"digit{i}.{fmt}"
+        # a user's photo: dark ink on white paper, larger than 28x28, RGB
+        Image.fromarray(255 - x[i]).resize((112, 112)).convert("RGB").save(path)
+        paths.append(str(path))
+    answers = predictor.predict(paths)
+    assert [a["input"] for a in answers] == paths
+    assert all(abs(sum(a["probabilities"].values()) - 1) < 1e-4 for a in answers)
+    hits = sum(a["label"] == str(t) for a, t in zip(answers, y))
+    assert hits >= 0.6 * len(y), hits  # inverted, resized and greyed exactly like the training digits
