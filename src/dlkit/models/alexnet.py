@@ -52,10 +52,6 @@ class AlexNet(TorchvisionLayout):
             nn.Linear(4096, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits for a batch of images."""
-        return self.classifier(self.flatten(self.avgpool(self.features(x))))
-
     def trunk_blocks(self) -> list[nn.Module]:
         """One group per conv layer (conv, relu and a following max-pool)."""
         return list(conv_groups(self.features))

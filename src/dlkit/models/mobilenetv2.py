@@ -61,6 +61,7 @@ class MobileNetV2(TorchvisionLayout):
     """features (stem, 17 inverted residuals, 1x1 conv to 1280) -> global pool -> flatten -> classifier."""
 
     last_linear = "classifier.1"
+    linear_std = 0.01
 
     def __init__(
         self, num_classes: int = 1000, width_mult: float = 1.0, in_channels: int = 3, dropout: float = 0.2
@@ -79,23 +80,7 @@ class MobileNetV2(TorchvisionLayout):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))  # torchvision pools functionally; a module adds no keys
         self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last_channels, num_classes))
-        for module in self.modules():  # torchvision's initialisation
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                self.init_linear(module)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits for a batch of images."""
-        return self.classifier(self.flatten(self.avgpool(self.features(x))))
-
-    def init_linear(self, layer: nn.Linear) -> None:
-        """N(0, 0.01) weights and zero bias, as torchvision."""
-        nn.init.normal_(layer.weight, 0, 0.01)
-        nn.init.zeros_(layer.bias)
+        self.init_weights()
 
     def trunk_blocks(self) -> list[nn.Module]:
         """The 19 entries of `features`: stem, each inverted residual, the last 1x1 conv."""

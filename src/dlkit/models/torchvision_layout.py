@@ -29,6 +29,24 @@ class TorchvisionLayout(nn.Module):
     head_names: tuple[str, ...] = ("avgpool", "flatten", "classifier")
     cam_path = "features"
     last_linear = "classifier.6"
+    linear_std: float | None = None  # N(0, std) for Linear layers where torchvision does that
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch of images: trunk, pooling, flatten, classifier."""
+        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+
+    def init_weights(self, nonlinearity: str = "leaky_relu") -> None:
+        """torchvision's initialisation: He-normal (fan_out) convs, unit BatchNorm, `init_linear`."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity=nonlinearity)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                self.init_linear(module)
 
     def view(self, key: str, names: Sequence[str]) -> nn.Sequential:
         """A Sequential over the named top-level modules, rebuilt only when one of them was replaced."""
@@ -60,7 +78,10 @@ class TorchvisionLayout(nn.Module):
         return [*self.trunk_blocks(), self.head]
 
     def init_linear(self, layer: nn.Linear) -> None:
-        """Initialise a fresh final Linear the way this family's constructor does (PyTorch's default here)."""
+        """Initialise a Linear the way this family's constructor does (PyTorch's default unless `linear_std`)."""
+        if self.linear_std is not None:
+            nn.init.normal_(layer.weight, 0, self.linear_std)
+            nn.init.zeros_(layer.bias)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final Linear with a fresh one giving `num_classes` outputs."""

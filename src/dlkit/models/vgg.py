@@ -41,6 +41,8 @@ def vgg_trunk(config: Sequence[int | str], in_channels: int, batch_norm: bool) -
 class VGG(TorchvisionLayout):
     """features (conv trunk) -> avgpool (7x7) -> flatten -> classifier (4096, 4096, classes)."""
 
+    linear_std = 0.01
+
     def __init__(self, features: nn.Sequential, num_classes: int = 1000, dropout: float = 0.5) -> None:
         super().__init__()
         self.features = features
@@ -55,24 +57,7 @@ class VGG(TorchvisionLayout):
             nn.Dropout(dropout),
             nn.Linear(4096, num_classes),
         )
-        for module in self.modules():  # torchvision's initialisation
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                self.init_linear(module)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits for a batch of images."""
-        return self.classifier(self.flatten(self.avgpool(self.features(x))))
-
-    def init_linear(self, layer: nn.Linear) -> None:
-        """N(0, 0.01) weights and zero bias, as torchvision."""
-        nn.init.normal_(layer.weight, 0, 0.01)
-        nn.init.zeros_(layer.bias)
+        self.init_weights("relu")
 
     def trunk_blocks(self) -> list[nn.Module]:
         """One group per conv layer (conv, [bn], relu and a following max-pool)."""
