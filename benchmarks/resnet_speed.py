@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import copy
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dlkit.data import DataBundle, TensorSplit
-from dlkit.data.transforms import make_augment
-from dlkit.engine import fit
-from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
-from dlkit.models import build
-from dlkit.recipes import load_recipe
+sys.path.insert(0, str(Path(__file__).parent))
+from reference import plain_loop_seconds  # noqa: E402
+
+from dlkit.data import DataBundle, TensorSplit  # noqa: E402
+from dlkit.data.transforms import make_augment  # noqa: E402
+from dlkit.engine import fit  # noqa: E402
+from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything  # noqa: E402
+from dlkit.models import build  # noqa: E402
+from dlkit.recipes import load_recipe  # noqa: E402
 
 
 class PaddedCropFlip(torch.utils.data.Dataset):
@@ -46,14 +50,7 @@ class PaddedCropFlip(torch.utils.data.Dataset):
 def plain_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """One fp32 epoch through a DataLoader with per-sample augmentation; returns seconds."""
     loader = torch.utils.data.DataLoader(PaddedCropFlip(x, y), batch_size=128, shuffle=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    start = time.perf_counter()
-    for xb, yb in loader:
-        opt.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    return time.perf_counter() - start
+    return plain_loop_seconds(model, loader, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))
 
 
 def main(n: int = 5120) -> None:

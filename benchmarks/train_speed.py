@@ -12,14 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from reference import plain_loop_seconds  # noqa: E402
 from synthetic import digit_images  # noqa: E402
 
 from dlkit.data import DataBundle, TensorSplit  # noqa: E402
@@ -46,14 +45,7 @@ def plain_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, e
     """
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, sampler=order)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=eps)
-    model.train()
-    start = time.perf_counter()
-    for xb, yb in loader:
-        opt.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    return time.perf_counter() - start
+    return plain_loop_seconds(model, loader, torch.optim.Adam(model.parameters(), lr=lr, eps=eps))
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
