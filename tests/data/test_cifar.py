@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dlkit.config import DataCfg
-from dlkit.data import DataShape, cifar, data_shape, download, load_data
+from dlkit.data import DataShape, cifar, data_shape, load_data
 from dlkit.data.download import RemoteFile, sha256_file
 from dlkit.errors import DataError
 
@@ -61,13 +61,7 @@ class _Evil:
         return (os.system, (f"touch {shlex.quote(str(self.sentinel))}",))
 
 
-@pytest.fixture(autouse=True)
-def _never_download(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to download")
-
-    monkeypatch.setattr(download, "fetch", refuse)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("never_download")
 
 
 def test_cifar10_loads_from_the_archive_with_the_official_test_split(tmp_path):

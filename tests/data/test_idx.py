@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dlkit.config import DataCfg
-from dlkit.data import DataShape, data_shape, download, load_data
+from dlkit.data import DataShape, data_shape, load_data
 from dlkit.data.idx import FASHION_CLASSES, FILES, IMAGES_MAGIC, LABELS_MAGIC, read_idx, read_pair
 from dlkit.errors import DataError
 
@@ -45,13 +45,7 @@ def write_idx_set(folder: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-@pytest.fixture(autouse=True)
-def _never_download(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to download")
-
-    monkeypatch.setattr(download, "fetch", refuse)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("never_download")
 
 
 def test_read_idx_takes_sizes_from_the_header(tmp_path):

@@ -14,9 +14,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from dlkit.config import DataCfg
 from dlkit.errors import DataError
@@ -205,16 +206,7 @@ def _extract_tar(archive: Path, root: Path) -> None:
             if not (m.isfile() or m.isdir()):
                 raise DataError(f"refused member '{m.name}' of {archive.name}: {_tar_kind(m)}, not a file")
             _member_path(root, m.name, archive)
-        for m in members:
-            target = _member_path(root, m.name, archive)
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            assert src is not None  # a regular member always has contents
-            with src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
+        _write_members(root, archive, [(m.name, m.isdir(), lambda m=m: tar.extractfile(m)) for m in members])
 
 
 def _extract_zip(archive: Path, root: Path) -> None:
@@ -227,14 +219,19 @@ def _extract_zip(archive: Path, root: Path) -> None:
                 kind = "a symlink" if kind_bits == stat.S_IFLNK else "a special file"
                 raise DataError(f"refused member '{info.filename}' of {archive.name}: {kind}, not a file")
             _member_path(root, info.filename, archive)
-        for info in infos:
-            target = _member_path(root, info.filename, archive)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
+        _write_members(root, archive, [(i.filename, i.is_dir(), lambda i=i: zf.open(i)) for i in infos])
+
+
+def _write_members(root: Path, archive: Path, members: list[tuple[str, bool, Callable[[], Any]]]) -> None:
+    """Write (name, is_dir, open_contents) members under `root`; names were checked beforehand."""
+    for name, is_dir, open_contents in members:
+        target = _member_path(root, name, archive)
+        if is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open_contents() as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, _CHUNK)
 
 
 def _member_path(root: Path, name: str, archive: Path) -> Path:
