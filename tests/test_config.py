@@ -116,7 +116,7 @@ def test_unknown_nested_field_lists_the_allowed_fields():
     message = config_error("digits-cnn", ["train.optimizer.lrr=1"])
     assert message == (
         "recipe 'digits-cnn': unknown field 'train.optimizer.lrr' (did you mean 'lr'?); "
-        "allowed here: name, lr, momentum, nesterov, weight_decay, betas, eps, alpha"
+        "allowed here: name, lr, momentum, nesterov, weight_decay, betas, eps, alpha, base_lr, base_weight_decay"
     )
     message = config_error("digits-cnn", ["train.early_stopping.zzz=1"])
     assert message == (

@@ -44,7 +44,7 @@ class TrainedRun:
 def train_once(name: str, epochs: int, out: Path) -> TrainedRun:
     """`dlkit.run` with a spy on the runner's test pass, so tests can compare against the trained model."""
     seen: dict[str, object] = {}
-    real = runner.predict_outputs
+    real = runner.predict_split
 
     def spy(model, x, **kwargs):
         logits = real(model, x, **kwargs)
@@ -52,7 +52,7 @@ def train_once(name: str, epochs: int, out: Path) -> TrainedRun:
         return logits
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "predict_outputs", spy)
+        mp.setattr(runner, "predict_split", spy)
         result = dlkit.run(name, epochs=epochs, out=out)
     return TrainedRun(result, seen["model"], seen["logits"])
 

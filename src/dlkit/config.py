@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dlkit.errors import ConfigError, did_you_mean
 
@@ -52,19 +52,34 @@ class DataCfg(Strict):
     val_split: float = Field(0.1, ge=0.0, lt=1.0)
     test_split: float = Field(0.2, ge=0.0, lt=1.0)  # used only where there is no official test split
     image_size: int | None = Field(None, ge=1)  # square resize for image data
-    normalize: Literal["none", "scale", "standard"] = "scale"
+    # scale: [0, 1]; standard: train-split mean/std; imagenet: ImageNet's mean/std (the default with model.weights)
+    normalize: Literal["none", "scale", "standard", "imagenet"] = "scale"
     subset: int | None = Field(None, ge=1)  # keep this many training examples (stratified)
     channels: int | None = Field(None, ge=1, le=3)  # convert images to 1 (grey) or 3 (RGB) channels
     verify: bool = True  # sha256-check official files before parsing them
     bad_files: Literal["skip", "fail"] = "skip"  # unreadable images in a folder: skip with a count, or stop
     augment: AugmentCfg = AugmentCfg()
+    # the class count the recipe is written for, so `dlkit describe` can build the model without the
+    # user's folder; the data's own classes win when the data are there
+    num_classes: int | None = Field(None, ge=2)
+
+
+class HeadCfg(Strict):
+    """A new classifier on a pretrained trunk: pool, hidden dense layers (activation + dropout each), output."""
+
+    pool: Literal["avg", "max", "flatten"] = "avg"  # global average / max pooling, or flatten the feature map
+    hidden: list[int] = []  # widths of the hidden dense layers, e.g. [128]
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after each hidden layer (before the output without any)
 
 
 class ModelCfg(BaseModel):
-    """The model's registered name; every other key is an argument of its builder."""
+    """The model's registered name, its pretrained weights and head; every other key is a builder argument."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str
+    weights: str | None = None  # "imagenet" (torchvision's published checkpoint) or a .pth / .safetensors path
+    head: HeadCfg | None = None  # replace the model's classifier (ImageNet-layout models)
 
     def args(self) -> dict[str, Any]:
         """The builder arguments given in the recipe."""
@@ -80,6 +95,9 @@ class OptimizerCfg(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-7, gt=0.0)  # Keras' default, which the seeds used
     alpha: float = Field(0.9, gt=0.0, lt=1.0)  # RMSprop's decay (Keras' rho)
+    # the pretrained base's own learning rate and weight decay (the head keeps lr / weight_decay)
+    base_lr: float | None = Field(None, gt=0.0)
+    base_weight_decay: float | None = Field(None, ge=0.0)
 
 
 class ScheduleCfg(Strict):
@@ -110,6 +128,23 @@ class CheckpointCfg(Strict):
     mode: Literal["auto", "min", "max"] = "auto"
 
 
+class UnfreezeCfg(Strict):
+    """The top of a frozen base that trains after all: its last blocks, or its last layers counted as
+    Keras counts them (conv, batch norm, pooling and dense layers; activations are part of their layer)."""
+
+    last_blocks: int | None = Field(None, ge=1)
+    last_layers: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> UnfreezeCfg:
+        if (self.last_blocks is None) == (self.last_layers is None):
+            raise ValueError("give exactly one of last_blocks or last_layers")
+        return self
+
+
+Freeze = Literal["none", "base"]  # base: everything but the head is frozen (no gradients, BatchNorm in eval mode)
+
+
 class StageCfg(Strict):
     """One training stage; unset fields fall back to the `train` section's values."""
 
@@ -117,6 +152,8 @@ class StageCfg(Strict):
     epochs: int | None = Field(None, ge=0)
     optimizer: OptimizerCfg | None = None
     schedule: ScheduleCfg | None = None
+    freeze: Freeze | None = None
+    unfreeze: UnfreezeCfg | None = None
 
 
 class TrainCfg(Strict):
@@ -133,6 +170,10 @@ class TrainCfg(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True  # for models with conv layers
+    freeze: Freeze = "none"
+    unfreeze: UnfreezeCfg | None = None
+    # auto: with a frozen base and no augmentation, compute the base's features once and train the head on them
+    cache_features: Literal["auto", "off"] = "auto"
 
 
 class ExpectCfg(Strict):
@@ -151,6 +192,16 @@ class Recipe(Strict):
     model: ModelCfg
     train: TrainCfg = TrainCfg()
     expect: ExpectCfg = ExpectCfg()
+
+    @model_validator(mode="after")
+    def _weights_preprocessing(self) -> Recipe:
+        """Pretrained weights bring their preprocessing: ImageNet mean/std on RGB, unless the recipe says otherwise."""
+        if self.model.weights is not None:
+            if "normalize" not in self.data.model_fields_set:
+                self.data.normalize = "imagenet"
+            if self.data.channels is None:
+                self.data.channels = 3
+        return self
 
 
 def parse_recipe(raw: Any, origin: str = "recipe") -> Recipe:
@@ -254,6 +305,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
         hint = did_you_mean(str(err["input"]), choices)
         return f"field '{field}' got '{err['input']}'{hint}; allowed: {', '.join(choices)}"
+    if kind == "value_error":
+        return f"field '{field}': {err.get('ctx', {}).get('error', err['msg'])}"
     msg = err["msg"][0].lower() + err["msg"][1:]
     return f"field '{field}' got {err['input']!r}: {msg}"
 

@@ -31,7 +31,7 @@ class Predictor:
         spec = bundle["model"]
         args = dict(spec["args"])
         args["input_shape"] = tuple(args["input_shape"])
-        model = build(spec["name"], **args)
+        model = build(spec["name"], head=spec.get("head"), **args)
         load_weights(model, run.weights)
         return cls(model.eval(), bundle)
 

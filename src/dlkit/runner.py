@@ -17,10 +17,11 @@ from torch import nn
 import dlkit
 from dlkit.config import Recipe, TrainCfg
 from dlkit.data import DataBundle, load_data
-from dlkit.engine import Callback, Checkpoint, EarlyStopping, GradClip, History, MetricsLog, fit, predict_outputs
+from dlkit.engine import Callback, Checkpoint, EarlyStopping, GradClip, History, MetricsLog, fit
+from dlkit.engine.loop import predict_split
 from dlkit.engine.checkpoint import save_weights, write_json
 from dlkit.engine.optim import metric_mode
-from dlkit.engine.progress import PlainProgress, make_progress
+from dlkit.engine.progress import PlainProgress, QuietProgress, make_progress
 from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
 from dlkit.errors import ConfigError, TrainingError
 from dlkit.evaluate.metrics import classification_metrics
@@ -48,8 +49,20 @@ def run(recipe: str | Path | Recipe, *, overrides: list[str] | tuple[str, ...] =
 
 
 def build_model(recipe: Recipe, num_outputs: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """The recipe's model, shaped for the data."""
-    return build(recipe.model.name, num_classes=num_outputs, input_shape=tuple(input_shape), **recipe.model.args())
+    """The recipe's model, shaped for the data, with its new head if the recipe gives one (no weights loaded)."""
+    head = recipe.model.head.model_dump() if recipe.model.head is not None else None
+    return build(recipe.model.name, head=head, num_classes=num_outputs, input_shape=tuple(input_shape),
+                 **recipe.model.args())
+
+
+def load_pretrained(recipe: Recipe, model: nn.Module, progress: bool = False) -> str | None:
+    """Load `model.weights` (ImageNet or a file) into the model's base; the one-line report, or None."""
+    if recipe.model.weights is None:
+        return None
+    from dlkit.models.pretrained import load_into, load_state, source_name
+
+    state = load_state(recipe.model.weights, recipe.model.name, progress=progress)
+    return load_into(model, state, source_name(recipe.model.weights, recipe.model.name)).line()
 
 
 def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainProgress | None = None,
@@ -61,9 +74,12 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     generator = seed_everything(recipe.seed)
     model = build_model(recipe, data.num_outputs, data.input_shape)
     monitor_notes = _check_monitors(recipe.train, data)
+    loaded = load_pretrained(recipe, model, progress=progress is not None and not isinstance(progress, QuietProgress))
+    if loaded:
+        monitor_notes.insert(0, loaded)
 
     run_dir = new_run_dir(recipe.name, out, runs_root)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
     (run_dir / "metrics.jsonl").touch()
     (run_dir / "checkpoints").mkdir()
     callbacks = _callbacks(recipe.train, run_dir)
@@ -82,7 +98,7 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     history.notes[:0] = monitor_notes
 
     # tested in fp32, as `predict`, `evaluate` and `serve` run it, so their answers agree
-    logits = predict_outputs(model, data.test.x, device=device, batch_size=recipe.train.eval_batch_size)
+    logits = predict_split(model, data.test, device=device, batch_size=recipe.train.eval_batch_size)
     test = classification_metrics(logits, data.test.y, data.task)
     save_weights(model, run_dir / "model.safetensors")
     write_json(run_dir / "bundle.json", bundle_meta(recipe, data, model))
@@ -97,7 +113,9 @@ def bundle_meta(recipe: Recipe, data: DataBundle, model: nn.Module) -> dict[str,
         "format": BUNDLE_FORMAT,
         "recipe": recipe.name,
         "model": {"name": recipe.model.name, "args": recipe.model.args() | {
-            "num_classes": data.num_outputs, "input_shape": list(data.input_shape)}},
+            "num_classes": data.num_outputs, "input_shape": list(data.input_shape)},
+            "head": recipe.model.head.model_dump() if recipe.model.head is not None else None,
+            "weights": recipe.model.weights},
         "task": data.task,
         "classes": data.classes,
         "input_kind": data.input_kind,

@@ -85,7 +85,9 @@ def test_early_stopping_in_fit_restores_the_weights_of_the_best_checkpoint(make_
     val = [e["val_loss"] for e in history.epochs]
     best = min(range(len(val)), key=val.__getitem__) + 1
     assert len(val) == best + 3 < 40
-    assert history.stages == [{"index": 0, "name": "stage 1", "first_epoch": 1, "last_epoch": best + 3}]
+    assert history.stages == [{"index": 0, "name": "stage 1", "first_epoch": 1, "last_epoch": best + 3,
+                               "freeze": "none", "trainable_params": 4810, "frozen_params": 0,
+                               "cached_features": False, "cache_seconds": 0.0}]
     assert history.notes[-1] == f"restored the weights of epoch {best}"
     assert json.loads((tmp_path / "ck" / "best.json").read_text())["epoch"] == best
     saved = load_weights(build("mlp", num_classes=10, input_shape=(1, 8, 8), hidden=[64]),

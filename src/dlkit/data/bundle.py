@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,10 +15,15 @@ InputKind = Literal["image", "tabular", "tokens"]
 
 @dataclass
 class TensorSplit:
-    """One split held as two tensors; batches are taken by indexing, never sample by sample."""
+    """One split held as two tensors; batches are taken by indexing, never sample by sample.
+
+    `transform`, when set, turns each batch of stored `x` into model inputs (e.g. small uint8 images
+    resized and normalised on the fly, when holding them at the model's size would take gigabytes).
+    """
 
     x: Tensor
     y: Tensor
+    transform: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -29,21 +34,26 @@ class TensorSplit:
 
     def to(self, device: torch.device | str) -> TensorSplit:
         """This split on `device` (no copy when already there)."""
-        return TensorSplit(self.x.to(device), self.y.to(device))
+        return TensorSplit(self.x.to(device), self.y.to(device), self.transform)
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (x, y) batches; with `shuffle`, a fresh permutation drawn from `generator`."""
+        """Yield (x, y) batches of model inputs; with `shuffle`, a fresh permutation drawn from `generator`."""
         n = len(self)
+        prepare = self.transform or (lambda x: x)
         if shuffle:
             order = torch.randperm(n, generator=generator).to(self.x.device)
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                yield self.x[idx], self.y[idx]
+                yield prepare(self.x[idx]), self.y[idx]
         else:
             for start in range(0, n, batch_size):
-                yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+                yield prepare(self.x[start : start + batch_size]), self.y[start : start + batch_size]
+
+    def inputs(self) -> Tensor:
+        """Every model input at once (the stored tensor itself when there is no transform)."""
+        return self.x if self.transform is None else self.transform(self.x)
 
     def class_counts(self, num_classes: int) -> list[int]:
         """How many examples of each class this split holds."""

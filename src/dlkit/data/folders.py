@@ -60,7 +60,12 @@ def load_csv_images(cfg: DataCfg, seed: int) -> DataBundle:
 
 
 def _shape(cfg: DataCfg, listing: Callable[[DataCfg], tuple[dict[str, Files], list[str]]]) -> DataShape:
-    """Classes from the listing, channels and size from the image headers: nothing is decoded."""
+    """Classes from the listing, channels and size from the image headers: nothing is decoded. Without
+    data (`dlkit describe` of a recipe before the user has a folder), the recipe's own
+    `data.num_classes`, `image_size` and `channels` say what it is written for."""
+    if cfg.path is None and cfg.num_classes and cfg.image_size:
+        task = "binary" if cfg.num_classes == 2 else "multiclass"
+        return DataShape((cfg.channels or 3, cfg.image_size, cfg.image_size), cfg.num_classes, task)
     splits, classes = listing(cfg)
     channels, size, _ = _target(cfg, [f for files in splits.values() for f in files], Path(cfg.path or "."))
     return DataShape((channels, size, size), len(classes), "binary" if len(classes) == 2 else "multiclass")

@@ -125,6 +125,8 @@ def _fit_prep(x_train: np.ndarray, names: list[str], normalize: str) -> TablePre
     """The scaling spec fitted on the training rows only (a constant column divides by 1)."""
     if normalize == "none":
         return TablePrep(names, None, None, method="none")
+    if normalize == "imagenet":
+        raise DataError("data.normalize=imagenet is for images; use standard, scale or none for a table")
     if normalize == "scale":
         lo, hi = x_train.min(axis=0), x_train.max(axis=0)
         return TablePrep(names, lo.tolist(), (hi - lo).tolist(), method="minmax")

@@ -14,6 +14,8 @@ from dlkit.data.preprocess import ImagePrep
 from dlkit.data.split import stratified_split, stratified_subset
 from dlkit.errors import DataError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet checkpoints were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _CHUNK = 4096  # images resized per call, so a big resize never holds two full copies at once
 
 
@@ -67,16 +69,22 @@ def image_bundle(
     size = cfg.image_size or default_size or x_all.shape[-1]
     prep = ImagePrep(channels=channels or x_all.shape[1], size=(size, size), invert=invert)
     raw = {"train": (x_all[tr], y_all[tr]), "val": (x_all[va], y_all[va]), "test": (x_te, y_te)}
-    laid_out = {name: _layout(prep, x) for name, (x, _) in raw.items()}
-    if cfg.normalize == "standard":
-        # statistics from the training split only, so val/test stay unseen
-        prep.mean = laid_out["train"].mean(dim=(0, 2, 3)).tolist()
-        prep.std = laid_out["train"].std(dim=(0, 2, 3), unbiased=False).tolist()
     binary = len(classes) == 2
-    splits = {
-        name: TensorSplit(prep.normalise(laid_out.pop(name)), _label_tensor(y, binary))
-        for name, (_, y) in raw.items()
-    }
+    if is_lazy(prep, x_all.shape[1:], sum(len(x) for x, _ in raw.values())):
+        # held as given and laid out batch by batch: MNIST at 224x224x3 would take 600 KB an image
+        stored = {name: torch.from_numpy(np.ascontiguousarray(x)) for name, (x, _) in raw.items()}
+        _set_normalisation(prep, cfg, lambda: _chunked_stats(prep, stored["train"]))
+        splits = {name: TensorSplit(stored[name], _label_tensor(y, binary), LazyImages(prep))
+                  for name, (_, y) in raw.items()}
+    else:
+        laid_out = {name: _layout(prep, x) for name, (x, _) in raw.items()}
+        # statistics from the training split only, so val/test stay unseen
+        _set_normalisation(prep, cfg, lambda: (laid_out["train"].mean(dim=(0, 2, 3)).tolist(),
+                                               laid_out["train"].std(dim=(0, 2, 3), unbiased=False).tolist()))
+        splits = {
+            name: TensorSplit(prep.normalise(laid_out.pop(name)), _label_tensor(y, binary))
+            for name, (_, y) in raw.items()
+        }
     val = splits["val"] if len(splits["val"]) else None
     counts = {name: s.class_counts(len(classes)) for name, s in splits.items()}
     return DataBundle(
@@ -90,6 +98,49 @@ def image_bundle(
         preprocessing=prep.to_dict(),
         meta={"source": source, "class_counts": counts, "seed": seed},
     )
+
+
+LAZY_BYTES = 1 << 30  # laid-out float32 images above this size are laid out batch by batch instead
+
+
+def is_lazy(prep: ImagePrep, stored_shape: tuple[int, ...], count: int) -> bool:
+    """True when laying the images out in advance would take more than LAZY_BYTES and more memory than
+    the images as stored (upsizing, or grey to RGB)."""
+    laid_out = prep.channels * prep.size[0] * prep.size[1]
+    return laid_out > int(np.prod(stored_shape)) and 4 * laid_out * count > LAZY_BYTES
+
+
+class LazyImages:
+    """A TensorSplit transform: stored images (uint8 0..255 or float 0..1) to model inputs by `prep`."""
+
+    def __init__(self, prep: ImagePrep) -> None:
+        self.prep = prep
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.prep.apply(x.float() / 255.0 if x.dtype == torch.uint8 else x)
+
+
+def _set_normalisation(prep: ImagePrep, cfg: DataCfg, train_stats) -> None:
+    """Fill the mean and std of `prep` as `data.normalize` says (train-split statistics, or ImageNet's)."""
+    if cfg.normalize == "standard":
+        prep.mean, prep.std = train_stats()
+    elif cfg.normalize == "imagenet":
+        if prep.channels != 3:
+            raise DataError("data.normalize=imagenet needs RGB images: set data.channels=3 (grey is repeated)")
+        prep.mean, prep.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def _chunked_stats(prep: ImagePrep, x: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the laid-out images, accumulated chunk by chunk in float64."""
+    total = torch.zeros(prep.channels, dtype=torch.float64)
+    squares = torch.zeros(prep.channels, dtype=torch.float64)
+    for i in range(0, len(x), _CHUNK):
+        chunk = LazyImages(ImagePrep(prep.channels, prep.size, invert=prep.invert))(x[i : i + _CHUNK]).double()
+        total += chunk.sum((0, 2, 3))
+        squares += (chunk * chunk).sum((0, 2, 3))
+    n = max(1, len(x) * prep.size[0] * prep.size[1])
+    mean = total / n
+    return mean.tolist(), (squares / n - mean * mean).clamp_min(0).sqrt().tolist()
 
 
 def _layout(prep: ImagePrep, x: np.ndarray) -> Tensor:

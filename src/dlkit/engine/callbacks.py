@@ -18,6 +18,7 @@ class FitState:
     """What callbacks may read (and `stop_stage`, which they may set) during `fit`."""
 
     model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None  # the current stage's
     epoch: int = 0  # global epoch, counted from 1 across stages
     stage: int = 0
     stop_stage: bool = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dlkit.config import StageCfg, TrainCfg
 from dlkit.data.bundle import DataBundle, Task, TensorSplit
 from dlkit.engine.callbacks import Callback, FitState
+from dlkit.engine.freeze import frozen_prefix, param_groups, run_prefix, set_trainable, train_mode
 from dlkit.engine.optim import Schedule, build_optimizer
 from dlkit.engine.progress import PlainProgress, QuietProgress
 from dlkit.engine.runtime import autocast, eval_mode
@@ -69,8 +70,9 @@ class StepContext:
 
 
 def train_one_epoch(model: nn.Module, split: TensorSplit, ctx: StepContext, progress: PlainProgress) -> dict[str, float]:
-    """One pass over `split` in a seeded random order; returns the mean train loss and accuracy."""
-    model.train()
+    """One pass over `split` in a seeded random order; returns the mean train loss and accuracy.
+    Frozen batch norms stay in eval mode (see engine.freeze)."""
+    train_mode(model)
     total_loss = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), dtype=torch.long, device=ctx.device)
     for xb, yb in split.batches(ctx.batch_size, shuffle=True, generator=ctx.generator):
@@ -127,6 +129,18 @@ def predict_outputs(model: nn.Module, x: Tensor, *, device: torch.device, precis
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+@torch.no_grad()
+def predict_split(model: nn.Module, split: TensorSplit, *, device: torch.device, precision: str = "fp32",
+                  batch_size: int = 512) -> Tensor:
+    """`predict_outputs` over a split's model inputs (its transform applied batch by batch)."""
+    outs = []
+    with eval_mode(model):
+        for xb, _ in split.batches(batch_size):
+            with autocast(device, precision):
+                outs.append(model(xb.to(device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
 def resolve_stages(cfg: TrainCfg) -> list[StageCfg]:
     """The recipe's stages with every unset field filled from the train section."""
     stages = cfg.stages or [StageCfg()]
@@ -136,9 +150,45 @@ def resolve_stages(cfg: TrainCfg) -> list[StageCfg]:
             epochs=cfg.epochs if s.epochs is None else s.epochs,
             optimizer=s.optimizer or cfg.optimizer,
             schedule=s.schedule or cfg.schedule,
+            freeze=s.freeze or cfg.freeze,
+            unfreeze=s.unfreeze if s.freeze is not None or s.unfreeze is not None else cfg.unfreeze,
         )
         for i, s in enumerate(stages)
     ]
+
+
+CACHE_LIMIT = 4 << 30  # bytes of cached features kept on the device at most
+
+
+@dataclass
+class FeatureCache:
+    """A frozen prefix's outputs for the train and validation splits, computed once."""
+
+    prefix: list[nn.Module]
+    train: TensorSplit
+    val: TensorSplit | None
+    seconds: float
+    rest: nn.Module | None = None  # the part of the model that trains on the cached features
+
+
+def build_cache(prefix: list[nn.Module], train: TensorSplit, val: TensorSplit | None, *, device: torch.device,
+                precision: str, batch_size: int) -> FeatureCache | str:
+    """Run the frozen prefix once over train and val; the reason instead when it would not fit in memory."""
+    tick = time.perf_counter()
+    with autocast(device, precision):
+        probe = run_prefix(prefix, next(train.batches(1))[0])
+    need = probe[0].numel() * probe.element_size() * (len(train) + (len(val) if val is not None else 0))
+    if need > CACHE_LIMIT:
+        return f"the features would take {need / 2**30:.1f} GiB (more than {CACHE_LIMIT / 2**30:.0f} GiB)"
+
+    def cached(split: TensorSplit) -> TensorSplit:
+        parts = []
+        for xb, _ in split.batches(batch_size):
+            with autocast(device, precision):
+                parts.append(run_prefix(prefix, xb))
+        return TensorSplit(torch.cat(parts), split.y)
+
+    return FeatureCache(prefix, cached(train), cached(val) if val is not None else None, time.perf_counter() - tick)
 
 
 def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.device, precision: str,
@@ -146,6 +196,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
         progress: PlainProgress | None = None, augment: Augment | None = None) -> History:
     """Train `model` on `data` through every stage of `cfg`; callbacks see every epoch.
 
+    Each stage sets what trains (`freeze`, `unfreeze`) and builds its own optimizer over the trainable
+    parameters only. A stage whose base is frozen trains the head on the base's features computed
+    once (`cache_features: auto`), unless augmentation changes the base's input every epoch.
     `augment`, when given, transforms each training batch (drawing from `generator`) before the
     forward pass; validation and test data are never augmented.
     """
@@ -163,13 +216,24 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
     stages = resolve_stages(cfg)
     total_epochs = sum(s.epochs for s in stages)
     after_backward = [cb for cb in callbacks if type(cb).on_after_backward is not Callback.on_after_backward]
+    cache: FeatureCache | None = None
     started = time.perf_counter()
     for index, stage in enumerate(stages):
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, stage.optimizer, device)
+        where = f"train.stages.{index}" if cfg.stages else "train"
+        trainable = set_trainable(model, stage.freeze, stage.unfreeze, where)
+        step_model, step_train, step_val, cached = model, train, val, False
+        if stage.freeze == "base" and stage.unfreeze is None and stage.epochs and cfg.cache_features == "auto":
+            cache, why = _stage_cache(model, cache, train, val, augment, device, precision, cfg.eval_batch_size)
+            if why:
+                state.notes.append(f"{stage.name}: features not cached: {why}")
+            else:
+                step_model, step_train, step_val, cached = cache.rest, cache.train, cache.val, True
+        if not cached:
+            cache = None  # this stage may change the base: a later frozen stage computes its features anew
+        optimizer = build_optimizer(param_groups(model, stage.optimizer), stage.optimizer, device)
         ctx = StepContext(loss_fn, optimizer, Schedule(optimizer, stage.schedule, stage.epochs, steps),
                           data.task, device, precision, cfg.batch_size, generator, after_backward, augment)
-        state.stage, state.stop_stage = index, False
+        state.stage, state.stop_stage, state.optimizer = index, False, optimizer
         first = state.epoch + 1
         for cb in callbacks:
             cb.on_stage_start(state)
@@ -179,10 +243,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
             progress.start_epoch(state.epoch, total_epochs, steps)
             lr = optimizer.param_groups[0]["lr"]
             metrics: dict[str, Any] = {"epoch": state.epoch, "stage": index}
-            metrics |= train_one_epoch(model, train, ctx, progress)
+            metrics |= train_one_epoch(step_model, step_train, ctx, progress)
             _check_finite(metrics["train_loss"], state.epoch)
-            if val is not None:
-                metrics |= evaluate(model, val, data.task, loss_fn, device=device, precision=precision,
+            if step_val is not None:
+                metrics |= evaluate(step_model, step_val, data.task, loss_fn, device=device, precision=precision,
                                     batch_size=cfg.eval_batch_size, prefix="val_")
             metrics["lr"] = lr
             metrics["seconds"] = round(time.perf_counter() - tick, 4)
@@ -195,11 +259,34 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
                 break
         for cb in callbacks:
             cb.on_stage_end(state)
-        history.stages.append({"index": index, "name": stage.name, "first_epoch": first, "last_epoch": state.epoch})
+        history.stages.append({"index": index, "name": stage.name, "first_epoch": first, "last_epoch": state.epoch,
+                               "freeze": stage.freeze, "trainable_params": trainable.trainable,
+                               "frozen_params": trainable.frozen, "cached_features": cached,
+                               "cache_seconds": round(cache.seconds, 3) if cached else 0.0})
     history.train_seconds = time.perf_counter() - started
     history.notes = state.notes
     progress.close()
     return history
+
+
+def _stage_cache(model: nn.Module, previous: FeatureCache | None, train: TensorSplit, val: TensorSplit | None,
+                 augment: Augment | None, device: torch.device, precision: str,
+                 batch_size: int) -> tuple[FeatureCache | None, str]:
+    """The cache a frozen-base stage trains on (reused from the previous stage when its prefix is the
+    same frozen modules), or None and the reason it cannot have one."""
+    if augment is not None:
+        return previous, "augmentation changes the base's input every epoch (turn data.augment off to train on cached features)"
+    split = frozen_prefix(model)
+    if isinstance(split, str):
+        return previous, split
+    prefix, rest = split
+    if previous is not None and len(previous.prefix) == len(prefix) and all(
+            a is b for a, b in zip(previous.prefix, prefix)):
+        return replace(previous, rest=rest), ""
+    cache = build_cache(prefix, train, val, device=device, precision=precision, batch_size=batch_size)
+    if isinstance(cache, str):
+        return previous, cache
+    return replace(cache, rest=rest), ""
 
 
 def is_conv_on_images(model: nn.Module, x: Tensor) -> bool:
@@ -210,7 +297,10 @@ def is_conv_on_images(model: nn.Module, x: Tensor) -> bool:
 def on_device(split: TensorSplit, device: torch.device, channels_last: bool = False) -> TensorSplit:
     """`split` on `device`; image tensors in channels_last layout when asked (indexing keeps it)."""
     split = split.to(device)
-    if channels_last:
+    if channels_last and split.transform is not None:
+        inner = split.transform
+        split = TensorSplit(split.x, split.y, lambda x: inner(x).contiguous(memory_format=torch.channels_last))
+    elif channels_last:
         split = TensorSplit(split.x.contiguous(memory_format=torch.channels_last), split.y)
     return split
 

@@ -12,7 +12,8 @@ from dlkit.config import OptimizerCfg, ScheduleCfg
 
 
 def build_optimizer(params: Iterable[Any], cfg: OptimizerCfg, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer the recipe names; fused kernels where PyTorch has them for this device."""
+    """The optimizer the recipe names over `params` (tensors or param-group dicts); fused kernels
+    where PyTorch has them for this device."""
     params = list(params)
     # fused kernels update all parameters in one call: measured 10-15% faster per step on CPU
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
@@ -62,8 +63,10 @@ def _make(opt: torch.optim.Optimizer, cfg: ScheduleCfg, epochs: int, steps: int)
         mode = "max" if metric_mode(cfg.monitor) == "max" else "min"
         return ReduceLROnPlateau(opt, mode=mode, factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr)
     if cfg.name == "onecycle":
-        max_lr = cfg.max_lr or opt.param_groups[0]["lr"]
-        return OneCycleLR(opt, max_lr=max_lr, total_steps=total)
+        base = opt.defaults["lr"]
+        peak = cfg.max_lr or base
+        # each group peaks in proportion to its own lr (a base with a lower lr stays lower)
+        return OneCycleLR(opt, max_lr=[peak * g["lr"] / base for g in opt.param_groups], total_steps=total)
     if cfg.name == "cosine":
         base = opt.param_groups[0]["lr"]
         warmup = int(cfg.warmup_epochs * steps)

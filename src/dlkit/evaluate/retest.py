@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from dlkit.data import load_data
-from dlkit.engine.loop import predict_outputs
+from dlkit.engine.loop import predict_split
 from dlkit.errors import RunDirError
 from dlkit.evaluate.metrics import classification_metrics
 from dlkit.predict import Predictor
@@ -23,6 +23,6 @@ def evaluate_run(path: str | Path) -> dict[str, Any]:
     if data.fingerprint() != predictor.bundle["data_fingerprint"]:
         raise RunDirError(f"the data loaded for {run.path} differ from the data it was trained on "
                           "(files changed?); evaluate on the original data")
-    logits = predict_outputs(predictor.model, data.test.x, device=torch.device("cpu"))
+    logits = predict_split(predictor.model, data.test, device=torch.device("cpu"))
     return {"run": str(run.path), "recipe": recipe.name, "n_test": len(data.test),
             **classification_metrics(logits, data.test.y, data.task)}

@@ -7,6 +7,7 @@ Every model exposes the same surface: `features` (the trunk), `head` (the classi
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +22,30 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 DATA_ARGS = ("num_classes", "input_shape")
 
 
-def build(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered model `name` with its builder's keyword arguments."""
+def build(name: str, *, head: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    """Build the registered model `name` with its builder's keyword arguments; `head` (the fields of
+    a recipe's model.head) replaces its classifier with a new one (ImageNet-layout models only)."""
     builder = MODELS.get(name)
     check_args(name, {k: v for k, v in kwargs.items() if k not in DATA_ARGS})
-    return builder(**kwargs)
+    model = builder(**kwargs)
+    if head is not None:
+        from dlkit.models.torchvision_layout import TorchvisionLayout
+
+        if not isinstance(model, TorchvisionLayout):
+            with_heads = [n for n in MODELS.names() if _is_layout(n)]
+            raise ConfigError(f"model.head needs a model with an ImageNet layout ({', '.join(with_heads)}); "
+                              f"'{name}' builds its own head: set its arguments instead")
+        model.replace_head(kwargs.get("num_classes", 1000), kwargs.get("input_shape", (3, 224, 224)), **head)
+    return model
+
+
+def _is_layout(name: str) -> bool:
+    from dlkit.models.torchvision_layout import TorchvisionLayout
+
+    builder = MODELS.get(name)
+    annotation = inspect.signature(builder).return_annotation
+    cls = getattr(sys.modules[builder.__module__], annotation, None) if isinstance(annotation, str) else annotation
+    return isinstance(cls, type) and issubclass(cls, TorchvisionLayout)
 
 
 def check_args(name: str, args: dict[str, Any]) -> None:

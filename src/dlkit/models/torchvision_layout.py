@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from dlkit.errors import ConfigError
 
@@ -82,6 +83,42 @@ class TorchvisionLayout(nn.Module):
         if self.linear_std is not None:
             nn.init.normal_(layer.weight, 0, self.linear_std)
             nn.init.zeros_(layer.bias)
+
+    def trunk_output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        """(C, H, W) that `features` gives for one input of `input_shape`, worked out on the meta device
+        (shapes only: no arithmetic, no memory)."""
+        trunk = self.features
+        meta = {k: torch.empty_like(v, device="meta") for k, v in trunk.state_dict(keep_vars=True).items()}
+        was_training = trunk.training
+        trunk.eval()  # batch norm refuses one value per channel in train mode
+        try:
+            out = functional_call(trunk, meta, (torch.empty((1, *input_shape), device="meta"),))
+        finally:
+            trunk.train(was_training)
+        return tuple(out.shape[1:])
+
+    def replace_head(self, num_classes: int, input_shape: Sequence[int], pool: str = "avg",
+                     hidden: Sequence[int] = (), activation: str = "relu", dropout: float = 0.0) -> None:
+        """Put a new head on the trunk, as transfer-learning recipes build them (Keras' include_top=False
+        plus new layers): `pool` (global avg / max, or flatten the map), then per hidden width a Linear,
+        the activation and Dropout(dropout), then the output Linear. The trunk keeps its names."""
+        channels, height, width = self.trunk_output_shape(input_shape)
+        pools = {"avg": nn.AdaptiveAvgPool2d(1), "max": nn.AdaptiveMaxPool2d(1), "flatten": nn.Identity()}
+        if pool not in pools:
+            raise ConfigError(f"model.head.pool must be one of {', '.join(pools)}, got '{pool}'")
+        acts = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+        size = channels * height * width if pool == "flatten" else channels
+        layers: list[nn.Module] = []
+        for units in hidden:
+            layers += [nn.Linear(size, units), acts[activation]()] + ([nn.Dropout(dropout)] if dropout else [])
+            size = units
+        if dropout and not hidden:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(size, num_classes))
+        pool_name, classifier_name = self.head_names[0], self.head_names[-1]
+        setattr(self, pool_name, pools[pool])
+        setattr(self, classifier_name, nn.Sequential(*layers))
+        self.last_linear = f"{classifier_name}.{len(layers) - 1}"
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final Linear with a fresh one giving `num_classes` outputs."""
