@@ -1,10 +1,55 @@
-"""Shared test settings: every test runs in its own temporary working folder."""
+"""Shared test settings and data: every test runs in its own temporary working folder; MNIST in
+its official IDX files, made from real handwritten digits."""
 from __future__ import annotations
 
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
+from sklearn.datasets import load_digits
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path, monkeypatch):
     # runs/ and any other relative output land in the test's own folder
     monkeypatch.chdir(tmp_path)
+
+
+MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def idx_file(path: Path, array: np.ndarray) -> None:
+    """An IDX file as MNIST ships it: magic (0x801 labels / 0x803 images), big-endian sizes, bytes."""
+    magic = 0x801 if array.ndim == 1 else 0x803
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def digit_images(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real handwritten digits (sklearn's 8x8 scans) enlarged into 28x28 uint8 frames, like MNIST."""
+    digits = load_digits()
+    idx = (np.arange(n) + offset) % len(digits.target)
+    small = digits.images[idx] / 16.0
+    big = np.kron(small, np.ones((3, 3)))  # 24x24, nearest-neighbour
+    frames = np.zeros((n, 28, 28))
+    frames[:, 2:26, 2:26] = big
+    return (frames * 255).astype(np.uint8), digits.target[idx].astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("mnist")
+    x, y = digit_images(1200, 0)
+    xt, yt = digit_images(300, 1200)
+    for name, arr in zip(MNIST_NAMES, (x, y, xt, yt)):
+        idx_file(folder / name, arr)
+    return folder
+
+
+@pytest.fixture(name="digit_images")
+def _digit_images():
+    """The `digit_images` factory."""
+    return digit_images

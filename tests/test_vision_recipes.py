@@ -1,56 +1,21 @@
 """Every vision recipe's -smoke variant end to end, on files written in the official formats."""
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import pickle
-import struct
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from dlkit import run
 from dlkit.predict import Predictor
 from dlkit.recipes import load_recipe
 
 pytestmark = pytest.mark.slow
-
-MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-
-
-def idx_file(path: Path, array: np.ndarray) -> None:
-    """An IDX file as MNIST ships it: magic (0x801 labels / 0x803 images), big-endian sizes, bytes."""
-    magic = 0x801 if array.ndim == 1 else 0x803
-    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-def digit_images(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Real handwritten digits (sklearn's 8x8 scans) enlarged into 28x28 uint8 frames, like MNIST."""
-    digits = load_digits()
-    idx = (np.arange(n) + offset) % len(digits.target)
-    small = digits.images[idx] / 16.0
-    big = np.kron(small, np.ones((3, 3)))  # 24x24, nearest-neighbour
-    frames = np.zeros((n, 28, 28))
-    frames[:, 2:26, 2:26] = big
-    return (frames * 255).astype(np.uint8), digits.target[idx].astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mnist")
-    x, y = digit_images(1200, 0)
-    xt, yt = digit_images(300, 1200)
-    for name, arr in zip(MNIST_NAMES, (x, y, xt, yt)):
-        idx_file(folder / name, arr)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def cifar_archive(tmp_path_factory) -> Path:
@@ -102,7 +67,7 @@ def test_cifar_smoke_recipes_run(recipe, cifar_archive, tmp_path):
     assert bundle["input_shape"] == [3, 32, 32] and bundle["classes"][0] == "airplane"
 
 
-def test_predict_a_users_png_and_jpeg_with_the_bundles_preprocessing(mnist_dir, tmp_path):
+def test_predict_a_users_png_and_jpeg_with_the_bundles_preprocessing(mnist_dir, digit_images, tmp_path):
     result = run("mnist-cnn-smoke", overrides=["data.verify=false", "train.epochs=3"], out=tmp_path / "run",
                  fields={"data.data_dir": str(mnist_dir)})
     x, y = digit_images(40, 1500)

@@ -67,13 +67,16 @@ def train(model: Annotated[str, typer.Option(help="A registered model (dlkit lis
           batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
           optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw or rmsprop.")] = "adam",
           lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+          weights: Annotated[str | None, typer.Option(help="Pretrained weights: imagenet, or a .pth/.safetensors file.")] = None,
+          freeze: Annotated[str, typer.Option(help="none, or base: train only the classifier on a frozen base.")] = "none",
           overrides: SetOpt = [], seed: SeedOpt = None, out: OutOpt = None, data_dir: DataDirOpt = None,
           device: DeviceOpt = None, precision: PrecisionOpt = None, quiet: QuietOpt = False) -> None:
     """Train a model on a data set without a recipe file."""
     from dlkit.recipes import adhoc_recipe
 
+    fields = _fields(None, data_dir, device, precision) | {"model.weights": weights, "train.freeze": freeze}
     resolved = adhoc_recipe(model, data, overrides, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                            lr=lr, seed=seed, fields=_fields(None, data_dir, device, precision))
+                            lr=lr, seed=seed, fields=fields)
     _execute(resolved, out, quiet)
 
 

@@ -7,12 +7,14 @@ already downloaded is used as it is, and one downloaded here serves torchvision 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import inspect
 import os
 import pickle
 import re
+import sys
 import urllib.error
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -106,10 +108,12 @@ def imagenet_state(model_name: str, *, progress: bool = False) -> dict[str, torc
         ) from None
     url = weights_url(hub)
     try:
-        obj = torch.hub.load_state_dict_from_url(
-            url, model_dir=str(folder), map_location="cpu", progress=progress, check_hash=True,
-            file_name=hub.file, weights_only=True,
-        )
+        # torch.hub announces the download on stdout, which belongs to dlkit's results: send it to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            obj = torch.hub.load_state_dict_from_url(
+                url, model_dir=str(folder), map_location="cpu", progress=progress, check_hash=True,
+                file_name=hub.file, weights_only=True,
+            )
     except Exception as exc:  # sorted by _download_error: bad hash, no network, unreadable file
         error = _download_error(exc, model_name, hub, url, path)
         if error is None:
