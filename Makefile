@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/resnet_speed.py
+	$(BIN)/python benchmarks/feature_cache.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
