@@ -124,3 +124,24 @@ def test_image_bundle_can_turn_grey_images_into_rgb_for_imagenet_models():
     assert b.train.x.shape == (50, 3, 32, 32) and b.input_shape == (3, 32, 32)
     assert torch.equal(b.train.x[:, 0], b.train.x[:, 2])
     assert prep_from_dict(b.preprocessing).channels == 3
+
+
+@pytest.mark.parametrize(("normalize", "channels", "size"), [("standard", 1, 24), ("imagenet", 3, 16)])
+def test_lazy_images_give_the_same_inputs_as_images_laid_out_in_advance(monkeypatch, normalize, channels, size):
+    from dlkit.data import vision
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 1, 12, 12), dtype=np.uint8)
+    y = rng.integers(0, 3, 60)
+    cfg = DataCfg(name="digits", normalize=normalize, image_size=size, channels=channels)
+    eager = image_bundle(x, y, None, None, ["a", "b", "c"], cfg, 0, "test", channels=channels)
+    monkeypatch.setattr(vision, "LAZY_BYTES", 0)
+    lazy = image_bundle(x, y, None, None, ["a", "b", "c"], cfg, 0, "test", channels=channels)
+    assert eager.train.transform is None and lazy.train.transform is not None
+    assert lazy.train.x.dtype == torch.uint8 and lazy.train.x.shape[1:] == (1, 12, 12)  # stored as given
+    assert lazy.preprocessing["mean"] == pytest.approx(eager.preprocessing["mean"], abs=1e-5)
+    assert lazy.preprocessing["std"] == pytest.approx(eager.preprocessing["std"], abs=1e-5)
+    for a, b in zip((eager.train, eager.val, eager.test), (lazy.train, lazy.val, lazy.test)):
+        (xa, ya), (xb, yb) = next(a.batches(100)), next(b.batches(100))
+        assert xb.shape == (len(a), channels, size, size) and torch.equal(ya, yb)
+        torch.testing.assert_close(xa, xb, atol=1e-5, rtol=1e-5)

@@ -70,8 +70,9 @@ def image_bundle(
     prep = ImagePrep(channels=channels or x_all.shape[1], size=(size, size), invert=invert)
     raw = {"train": (x_all[tr], y_all[tr]), "val": (x_all[va], y_all[va]), "test": (x_te, y_te)}
     binary = len(classes) == 2
-    if is_lazy(prep, x_all.shape[1:], sum(len(x) for x, _ in raw.values())):
-        # held as given and laid out batch by batch: MNIST at 224x224x3 would take 600 KB an image
+    if is_lazy(prep, x_all.shape[1:], x_all.dtype.itemsize, sum(len(x) for x, _ in raw.values())):
+        # held as given and laid out batch by batch: MNIST at 224x224x3 would take 600 KB an image,
+        # a 160x160 photo 300 KB in float32 instead of 75 KB as uint8
         stored = {name: torch.from_numpy(np.ascontiguousarray(x)) for name, (x, _) in raw.items()}
         _set_normalisation(prep, cfg, lambda: _chunked_stats(prep, stored["train"]))
         splits = {name: TensorSplit(stored[name], _label_tensor(y, binary), LazyImages(prep))
@@ -103,11 +104,11 @@ def image_bundle(
 LAZY_BYTES = 1 << 30  # laid-out float32 images above this size are laid out batch by batch instead
 
 
-def is_lazy(prep: ImagePrep, stored_shape: tuple[int, ...], count: int) -> bool:
-    """True when laying the images out in advance would take more than LAZY_BYTES and more memory than
-    the images as stored (upsizing, or grey to RGB)."""
-    laid_out = prep.channels * prep.size[0] * prep.size[1]
-    return laid_out > int(np.prod(stored_shape)) and 4 * laid_out * count > LAZY_BYTES
+def is_lazy(prep: ImagePrep, stored_shape: tuple[int, ...], itemsize: int, count: int) -> bool:
+    """True when laying the images out in advance (float32) would take more than LAZY_BYTES and more
+    memory than the images as stored (uint8, upsizing, or grey to RGB)."""
+    laid_out = 4 * prep.channels * prep.size[0] * prep.size[1]
+    return laid_out > itemsize * int(np.prod(stored_shape)) and laid_out * count > LAZY_BYTES
 
 
 class LazyImages:
