@@ -174,6 +174,8 @@ class TrainCfg(Strict):
     unfreeze: UnfreezeCfg | None = None
     # auto: with a frozen base and no augmentation, compute the base's features once and train the head on them
     cache_features: Literal["auto", "off"] = "auto"
+    # numpy: dlkit.scratch trains the model (an mlp) by hand-written backpropagation, no autograd
+    engine: Literal["torch", "numpy"] = "torch"
 
 
 class ExpectCfg(Strict):

@@ -153,3 +153,31 @@ def _label_key(labels: list[str]) -> Callable[[str], Any]:
     except ValueError:
         return str
     return float
+
+
+@register_dataset("celsius")
+def load_celsius(cfg: DataCfg, seed: int) -> DataBundle:
+    """S2.1's 160 generated (Celsius, Fahrenheit) pairs, f = 1.8 c + 32 + N(0, 1), split at random
+    (seeded) into train / val / test by `val_split` and `test_split`; inputs are raw degrees."""
+    from dlkit.scratch.data import celsius_pairs
+
+    c, f = celsius_pairs(n=cfg.subset or 160, seed=seed)
+    order = np.random.default_rng(seed).permutation(len(c))
+    n_test, n_val = round(len(c) * cfg.test_split), round(len(c) * cfg.val_split)
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    splits = {k: TensorSplit(torch.tensor(c[i, None], dtype=torch.float32), torch.tensor(f[i], dtype=torch.float32))
+              for k, i in parts.items()}
+    return DataBundle(splits["train"], splits["val"] if n_val else None, splits["test"], [], (1,), "regression",
+                      "tabular", TablePrep(["celsius"], None, None, method="none").to_dict(),
+                      meta={"source": "generated: f = 1.8 c + 32 + N(0, 1), c uniform in [-40, 60]", "seed": seed})
+
+
+@register_dataset("two_moons")
+def load_two_moons(cfg: DataCfg, seed: int) -> DataBundle:
+    """Two interleaving half circles (500 points, noise 0.2), generated with NumPy: a small set a
+    straight line cannot separate, for the from-scratch network."""
+    from dlkit.scratch.data import two_moons
+
+    x, y = two_moons(n=cfg.subset or 500, noise=0.2, seed=seed)
+    return table_bundle(x, y, ["upper", "lower"], ["x1", "x2"], cfg.model_copy(update={"subset": None}), seed,
+                        "generated: two moons, 500 points, noise 0.2")

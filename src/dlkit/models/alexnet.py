@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import nn
 
 from dlkit.models import MODELS
