@@ -8,7 +8,6 @@ already downloaded is used as it is, and one downloaded here serves torchvision 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import inspect
 import os
@@ -24,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dlkit.data.download import sha256_file
 from dlkit.errors import ConfigError, DataError
 
-_CHUNK = 1 << 20
 _MIRROR_ENV = "DLKIT_WEIGHTS_URL"
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _SAFETENSORS_SUFFIX = ".safetensors"
@@ -127,21 +126,12 @@ def _check_cached(path: Path, hub: HubFile) -> None:
     prefix = hub.sha256_prefix
     if not re.fullmatch(r"[0-9a-f]+", prefix):
         return  # no hash in the name: nothing to check against
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if not digest.startswith(prefix):
         raise DataError(
             f"{path} is corrupt (sha256 {digest[:max(8, len(prefix))]} does not start with {prefix}): "
             "delete it and run again"
         )
-
-
-def _sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download_error(exc: Exception, model_name: str, hub: HubFile, url: str, path: Path) -> DataError | None:
