@@ -86,7 +86,7 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
         monitor_notes.insert(0, loaded)
 
     run_dir = new_run_dir(recipe.name, out, runs_root)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    write_recipe(run_dir, recipe)
     (run_dir / "metrics.jsonl").touch()
     (run_dir / "checkpoints").mkdir()
     callbacks = _callbacks(recipe.train, run_dir)
@@ -112,6 +112,12 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     summary = summarize_run(recipe, data, model, history, test, device, precision)
     write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, summary, history.epochs)
+
+
+def write_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """recipe.yaml: the resolved recipe, unset optional fields left out."""
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True),
+                                                        sort_keys=False))
 
 
 def bundle_meta(recipe: Recipe, data: DataBundle, model: nn.Module) -> dict[str, Any]:

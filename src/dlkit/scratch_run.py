@@ -8,6 +8,7 @@ test accuracies are reported side by side.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from dlkit.config import Recipe
@@ -25,8 +25,8 @@ from dlkit.engine.checkpoint import save_weights, write_json
 from dlkit.engine.loop import History, predict_split
 from dlkit.errors import ConfigError
 from dlkit.evaluate.metrics import classification_metrics
-from dlkit.models import build
-from dlkit.runner import RunResult, build_model, bundle_meta, summarize_run
+from dlkit.models import MODELS, build
+from dlkit.runner import RunResult, build_model, bundle_meta, summarize_run, write_recipe
 from dlkit.rundir import new_run_dir
 from dlkit.scratch import linreg, mlp
 
@@ -37,8 +37,8 @@ def execute_numpy(recipe: Recipe, *, out: str | Path | None = None, runs_root: s
     if recipe.model.name != "mlp" or cfg.optimizer.name != "sgd" or cfg.stages or cfg.freeze != "none":
         raise ConfigError("train.engine=numpy trains model.name=mlp with train.optimizer.name=sgd (momentum "
                           "allowed), one stage, nothing frozen")
-    args = recipe.model.args()
-    hidden, activation = list(args.get("hidden", [128, 64])), args.get("activation", "relu")
+    args = {k: p.default for k, p in inspect.signature(MODELS.get("mlp")).parameters.items()} | recipe.model.args()
+    hidden, activation = list(args["hidden"]), args["activation"]
     if args.get("dropout"):
         raise ConfigError("train.engine=numpy has no dropout: remove model.dropout")
     data = load_data(recipe.data, recipe.seed)
@@ -58,8 +58,7 @@ def execute_numpy(recipe: Recipe, *, out: str | Path | None = None, runs_root: s
     test = classification_metrics(logits, data.test.y, data.task) | extra
 
     run_dir = new_run_dir(recipe.name, out, runs_root)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True),
-                                                        sort_keys=False))
+    write_recipe(run_dir, recipe)
     (run_dir / "checkpoints").mkdir()
     with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(e) + "\n" for e in epochs)
