@@ -14,6 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -191,7 +192,9 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         else:
             _extract_tar(archive, tmp)
         os.replace(tmp, dest)
-    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as exc:
+    except DataError as exc:  # an unsafe member: refuse the archive as a whole
+        raise DataError(f"{exc}; nothing was unpacked: the archive is not safe, delete it and get the official one") from None
+    except (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as exc:
         detail = " ".join(str(exc).split())  # tarfile's "could not be opened" spans several lines
         raise DataError(f"cannot unpack {archive.name}: {detail}; delete it and download it again") from None
     finally:
