@@ -20,6 +20,10 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+# Hugging Face text models: they bring their own tokenizer (the default, named here, when no weights are given)
+TEXT_MODELS = {"distilbert": "distilbert-base-uncased"}
+
+
 class Strict(BaseModel):
     """A config section: unknown fields are errors, values are validated on assignment too."""
 
@@ -45,6 +49,30 @@ class AugmentCfg(Strict):
         return any(v not in (0, 0.0, False) for v in self.model_dump().values())
 
 
+class TextSample(Strict):
+    """One labelled example written into the recipe itself (S3.B's ten sentences)."""
+
+    text: str = Field(min_length=1)
+    label: str = Field(min_length=1)
+    split: Literal["train", "val", "test"] = "train"
+
+
+class TextCfg(Strict):
+    """How text becomes token ids: dlkit's word vocabulary (the LSTM recipes) or a Hugging Face tokenizer."""
+
+    # "words", or a Hugging Face tokenizer (hub id or folder); unset: the model's own for a hub model, else words
+    tokenizer: str | None = None
+    max_words: int = Field(10_000, ge=3)  # word vocabulary size, counting PAD (id 0) and OOV (id 1)
+    min_count: int = Field(1, ge=1)  # a word seen fewer times in the training split is OOV
+    lowercase: bool = True
+    max_len: int = Field(200, ge=1)  # tokens kept per text
+    padding: Literal["pre", "post"] = "pre"  # where PAD goes (Keras' pad_sequences default: pre)
+    truncating: Literal["pre", "post"] = "pre"  # which end a long text loses
+    text_column: str = "text"  # text_csv's columns
+    label_column: str = "label"
+    samples: list[TextSample] = []  # the `sentences` data set: examples written into the recipe
+
+
 class DataCfg(Strict):
     name: str
     path: str | None = None  # the user's own folder or file (--data)
@@ -62,6 +90,7 @@ class DataCfg(Strict):
     # the class count the recipe is written for, so `dlkit describe` can build the model without the
     # user's folder; the data's own classes win when the data are there
     num_classes: int | None = Field(None, ge=2)
+    text: TextCfg = TextCfg()
 
 
 class HeadCfg(Strict):
@@ -101,11 +130,11 @@ class OptimizerCfg(Strict):
 
 
 class ScheduleCfg(Strict):
-    name: Literal["constant", "step", "multistep", "cosine", "onecycle", "plateau"] = "constant"
+    name: Literal["constant", "step", "multistep", "cosine", "linear", "onecycle", "plateau"] = "constant"
     step_size: int = Field(10, ge=1)  # epochs between decays (step)
     gamma: float = Field(0.1, gt=0.0)  # decay factor (step, multistep)
     milestones: list[int] = []  # epochs at which to decay (multistep)
-    warmup_epochs: float = Field(0.0, ge=0.0)  # linear warm-up before cosine
+    warmup_epochs: float = Field(0.0, ge=0.0)  # linear warm-up before cosine / linear decay (0.1 = a tenth of an epoch)
     min_lr: float = Field(0.0, ge=0.0)  # floor of cosine / plateau
     max_lr: float | None = Field(None, gt=0.0)  # onecycle peak; the optimizer's lr if unset
     factor: float = Field(0.1, gt=0.0, lt=1.0)  # plateau decay
@@ -198,7 +227,10 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _weights_preprocessing(self) -> Recipe:
         """Pretrained weights bring their preprocessing: ImageNet mean/std on RGB, unless the recipe says otherwise."""
-        if self.model.weights is not None:
+        if self.model.name in TEXT_MODELS:
+            if self.data.text.tokenizer is None:
+                self.data.text.tokenizer = self.model.weights or TEXT_MODELS[self.model.name]
+        elif self.model.weights is not None:
             if "normalize" not in self.data.model_fields_set:
                 self.data.normalize = "imagenet"
             if self.data.channels is None:

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 import dlkit
-from dlkit.config import Recipe, TrainCfg
+from dlkit.config import TEXT_MODELS, Recipe, TrainCfg
 from dlkit.data import DataBundle, load_data
 from dlkit.engine import Callback, Checkpoint, EarlyStopping, GradClip, History, MetricsLog, fit
 from dlkit.engine.loop import predict_split
@@ -25,7 +25,7 @@ from dlkit.engine.progress import PlainProgress, QuietProgress, make_progress
 from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
 from dlkit.errors import ConfigError, TrainingError
 from dlkit.evaluate.metrics import classification_metrics
-from dlkit.models import build
+from dlkit.models import build, model_args
 from dlkit.recipes import load_recipe
 from dlkit.rundir import BUNDLE_FORMAT, new_run_dir
 
@@ -51,17 +51,39 @@ def run(recipe: str | Path | Recipe, *, overrides: list[str] | tuple[str, ...] =
     return execute(recipe, out=out, progress=make_progress(quiet), runs_root=runs_root)
 
 
-def build_model(recipe: Recipe, num_outputs: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """The recipe's model, shaped for the data, with its new head if the recipe gives one (no weights loaded)."""
+def build_model(recipe: Recipe, num_outputs: int, input_shape: tuple[int, ...],
+                data_args: dict[str, Any] | None = None) -> nn.Module:
+    """The recipe's model, shaped for the data, with its new head if the recipe gives one.
+
+    ImageNet-style weights are loaded afterwards (`load_pretrained`); a Hugging Face model loads
+    its config and weights here, since its architecture comes with them.
+    """
     head = recipe.model.head.model_dump() if recipe.model.head is not None else None
+    hub = {"weights": recipe.model.weights} if recipe.model.name in TEXT_MODELS else {}
     return build(recipe.model.name, head=head, num_classes=num_outputs, input_shape=tuple(input_shape),
-                 **recipe.model.args())
+                 **recipe.model.args(), **(data_args or {}), **hub)
+
+
+def data_args(recipe: Recipe, data: DataBundle) -> dict[str, Any]:
+    """Builder arguments the data decide: a token model's vocabulary size, unless the recipe sets it."""
+    vocab = data.meta.get("vocab_size")
+    if data.input_kind != "tokens" or vocab is None or "vocab_size" not in model_args(recipe.model.name):
+        return {}
+    given = recipe.model.args().get("vocab_size")
+    if given is None:
+        return {"vocab_size": vocab}
+    if given < vocab:
+        raise ConfigError(f"model.vocab_size is {given} but the tokenizer makes {vocab} ids; set model.vocab_size "
+                          f">= {vocab} or lower data.text.max_words")
+    return {}
 
 
 def load_pretrained(recipe: Recipe, model: nn.Module, progress: bool = False) -> str | None:
     """Load `model.weights` (ImageNet or a file) into the model's base; the one-line report, or None."""
     if recipe.model.weights is None:
         return None
+    if recipe.model.name in TEXT_MODELS:
+        return getattr(model, "report", None)  # loaded with the model by build_model
     from dlkit.models.pretrained import load_into, load_state, source_name
 
     state = load_state(recipe.model.weights, recipe.model.name, progress=progress)
@@ -79,8 +101,9 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     precision = resolve_precision(recipe.train.precision, device)
     data = load_data(recipe.data, recipe.seed)
     generator = seed_everything(recipe.seed)
-    model = build_model(recipe, data.num_outputs, data.input_shape)
-    monitor_notes = _check_monitors(recipe.train, data)
+    extra = data_args(recipe, data)
+    model = build_model(recipe, data.num_outputs, data.input_shape, extra)
+    monitor_notes = _check_monitors(recipe.train, data) + _check_text_model(model, data)
     loaded = load_pretrained(recipe, model, progress=progress is not None and not isinstance(progress, QuietProgress))
     if loaded:
         monitor_notes.insert(0, loaded)
@@ -108,7 +131,7 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     logits = predict_split(model, data.test, device=device, batch_size=recipe.train.eval_batch_size)
     test = classification_metrics(logits, data.test.y, data.task)
     save_weights(model, run_dir / "model.safetensors")
-    write_json(run_dir / "bundle.json", bundle_meta(recipe, data, model))
+    write_json(run_dir / "bundle.json", bundle_meta(recipe, data, model, extra))
     summary = summarize_run(recipe, data, model, history, test, device, precision)
     write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, summary, history.epochs)
@@ -120,12 +143,18 @@ def write_recipe(run_dir: Path, recipe: Recipe) -> None:
                                                         sort_keys=False))
 
 
-def bundle_meta(recipe: Recipe, data: DataBundle, model: nn.Module) -> dict[str, Any]:
-    """Everything needed to rebuild the model and prepare its inputs, without the training code."""
+def bundle_meta(recipe: Recipe, data: DataBundle, model: nn.Module,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to rebuild the model and prepare its inputs, without the training code.
+
+    `extra`: builder arguments the data decided; a model's own `bundle_args` (a Hugging Face
+    config) rebuild its architecture offline.
+    """
+    own = model.bundle_args() if hasattr(model, "bundle_args") else {}
     return {
         "format": BUNDLE_FORMAT,
         "recipe": recipe.name,
-        "model": {"name": recipe.model.name, "args": recipe.model.args() | {
+        "model": {"name": recipe.model.name, "args": recipe.model.args() | (extra or {}) | own | {
             "num_classes": data.num_outputs, "input_shape": list(data.input_shape)},
             "head": recipe.model.head.model_dump() if recipe.model.head is not None else None,
             "weights": recipe.model.weights},
@@ -210,6 +239,21 @@ def _check_monitors(cfg: TrainCfg, data: DataBundle) -> list[str]:
         cfg.checkpoint.monitor = "train_loss"
         cfg.checkpoint.mode = "auto"
     return notes
+
+
+def _check_text_model(model: nn.Module, data: DataBundle) -> list[str]:
+    """A Hugging Face model must pad with its tokenizer's id; a trained head's labels are noted beside ours."""
+    pad = getattr(model, "pad_id", None)
+    if pad is None or data.input_kind != "tokens":
+        return []
+    if data.meta.get("pad_id") != pad:
+        raise ConfigError(f"the tokenizer pads with id {data.meta.get('pad_id')} but the model masks id {pad}; "
+                          "use the model's own tokenizer (leave data.text.tokenizer unset)")
+    names = getattr(model, "label_names", None)
+    if names and [n.lower() for n in names] != [c.lower() for c in data.classes]:
+        return [f"the checkpoint's classifier labels {', '.join(names)} stand for the data's classes "
+                f"{', '.join(data.classes)}, in that order"]
+    return []
 
 
 def _callbacks(cfg: TrainCfg, run_dir: Path) -> list[Callback]:

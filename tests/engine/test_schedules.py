@@ -75,6 +75,14 @@ def test_cosine_warms_up_linearly_then_decays_to_min_lr(make_bundle):
     assert got == pytest.approx([cosine_lr(s, 4, 20, 1e-4) for s in (0, 4, 8, 12, 16)], rel=1e-9)
 
 
+def test_linear_warms_up_then_falls_in_a_straight_line_to_min_lr():
+    cfg = ScheduleCfg(name="linear", warmup_epochs=0.5, min_lr=0.0)
+    seen, after = batch_lrs(cfg, epochs=3, steps=4)
+    assert seen[:2] == pytest.approx([5e-3, 1e-2], rel=1e-12)  # half an epoch of warm-up
+    assert seen[2:] == pytest.approx([BASE * (1 - k / 10) for k in range(10)], rel=1e-12)
+    assert after == pytest.approx(0.0, abs=1e-15)
+
+
 def test_cosine_without_warmup_starts_at_the_base_lr():
     seen, after = batch_lrs(ScheduleCfg(name="cosine"), epochs=2, steps=5)
     assert seen[0] == BASE

@@ -59,7 +59,7 @@ def data_shape(cfg: DataCfg) -> DataShape:
     return DataShape(tuple(bundle.input_shape), len(bundle.classes), bundle.task)
 
 
-from dlkit.data import cifar, folders, idx, tabular, vision  # noqa: E402,F401  (registers the loaders)
+from dlkit.data import cifar, folders, idx, tabular, text, vision  # noqa: E402,F401  (registers the loaders)
 
 __all__ = ["DATASETS", "DataBundle", "DataShape", "DataSource", "TensorSplit", "data_shape", "load_data",
            "register_dataset"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -19,11 +19,14 @@ class TensorSplit:
 
     `transform`, when set, turns each batch of stored `x` into model inputs (e.g. small uint8 images
     resized and normalised on the fly, when holding them at the model's size would take gigabytes).
+    `lengths`, when set (token ids), makes shuffled batches hold rows of similar length, so a batch
+    is only as long as its longest row.
     """
 
     x: Tensor
     y: Tensor
     transform: Callable[[Tensor], Tensor] | None = None
+    lengths: Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -34,7 +37,7 @@ class TensorSplit:
 
     def to(self, device: torch.device | str) -> TensorSplit:
         """This split on `device` (no copy when already there)."""
-        return TensorSplit(self.x.to(device), self.y.to(device), self.transform)
+        return replace(self, x=self.x.to(device), y=self.y.to(device))
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
@@ -43,9 +46,12 @@ class TensorSplit:
         n = len(self)
         prepare = self.transform or (lambda x: x)
         if shuffle:
-            order = torch.randperm(n, generator=generator).to(self.x.device)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
+            if self.lengths is None:
+                order = torch.randperm(n, generator=generator).split(batch_size)
+            else:
+                order = bucketed(self.lengths, batch_size, generator)
+            for idx in order:
+                idx = idx.to(self.x.device)
                 yield prepare(self.x[idx]), self.y[idx]
         else:
             for start in range(0, n, batch_size):
@@ -58,6 +64,22 @@ class TensorSplit:
     def class_counts(self, num_classes: int) -> list[int]:
         """How many examples of each class this split holds."""
         return torch.bincount(self.y.long().flatten().cpu(), minlength=num_classes).tolist()
+
+
+BUCKET_BATCHES = 50  # rows are sorted by length within windows of this many batches
+
+
+def bucketed(lengths: Tensor, batch_size: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    """Shuffled batches of row indices where each batch holds rows of similar length.
+
+    A random permutation is cut into windows of BUCKET_BATCHES batches, each window sorted by
+    length and cut into batches, and the batches shuffled: every epoch still sees new batches.
+    """
+    perm = torch.randperm(len(lengths), generator=generator)
+    window = batch_size * BUCKET_BATCHES
+    ordered = torch.cat([w[torch.argsort(lengths[w], stable=True)] for w in perm.split(window)])
+    batches = ordered.split(batch_size)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 @dataclass

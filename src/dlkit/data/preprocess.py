@@ -3,7 +3,7 @@ applied again, unchanged, to a user's raw input at prediction time."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,9 @@ from torch import Tensor
 
 from dlkit.data.inputs import read_image, read_table
 from dlkit.errors import InputError, RunDirError
+
+if TYPE_CHECKING:
+    from dlkit.data.text import TextPrep
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights Pillow's convert("L") uses
 
@@ -108,20 +111,26 @@ class TablePrep:
         return cls(list(d["feature_names"]), d.get("mean"), d.get("std"), d.get("method", "standard"))
 
 
-def prep_from_dict(d: dict[str, Any]) -> ImagePrep | TablePrep:
+def prep_from_dict(d: dict[str, Any]) -> ImagePrep | TablePrep | TextPrep:
     """Rebuild the spec saved in bundle.json, dispatching on d["kind"]."""
-    kinds = {"image": ImagePrep, "table": TablePrep}
+    from dlkit.data.text import TextPrep
+
+    kinds = {"image": ImagePrep, "table": TablePrep, "text": TextPrep}
     kind = d.get("kind") if isinstance(d, dict) else None
     if kind not in kinds:
-        raise RunDirError(f"preprocessing spec has kind {kind!r}; expected 'image' or 'table'")
+        raise RunDirError(f"preprocessing spec has kind {kind!r}; expected 'image', 'table' or 'text'")
     try:
         return kinds[kind].from_dict(d)
     except (KeyError, TypeError, ValueError) as exc:
         raise RunDirError(f"preprocessing spec of kind '{kind}' is malformed: {exc}") from None
 
 
-def read_input(source: str, spec: ImagePrep | TablePrep) -> Tensor:
-    """Read a user's raw input (a file path, or inline numbers for tables) and preprocess it."""
+def read_input(source: str, spec: ImagePrep | TablePrep | TextPrep) -> Tensor:
+    """Read a user's raw input (a file path, inline numbers for tables, the text itself) and preprocess it."""
+    from dlkit.data.text import TextPrep, read_text
+
+    if isinstance(spec, TextPrep):
+        return spec.apply([read_text(source)])
     if isinstance(spec, ImagePrep):
         return spec.apply(read_image(source, spec.channels))
     return spec.apply(read_table(source, spec.feature_names))

@@ -300,9 +300,9 @@ def on_device(split: TensorSplit, device: torch.device, channels_last: bool = Fa
     split = split.to(device)
     if channels_last and split.transform is not None:
         inner = split.transform
-        split = TensorSplit(split.x, split.y, lambda x: inner(x).contiguous(memory_format=torch.channels_last))
+        split = replace(split, transform=lambda x: inner(x).contiguous(memory_format=torch.channels_last))
     elif channels_last:
-        split = TensorSplit(split.x.contiguous(memory_format=torch.channels_last), split.y)
+        split = replace(split, x=split.x.contiguous(memory_format=torch.channels_last))
     return split
 
 

@@ -34,7 +34,7 @@ class Schedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleCfg, epochs: int, steps_per_epoch: int):
         self.cfg = cfg
-        self.per_batch = cfg.name in ("cosine", "onecycle")
+        self.per_batch = cfg.name in ("cosine", "linear", "onecycle")
         self.scheduler: LRScheduler | ReduceLROnPlateau | None = _make(optimizer, cfg, epochs, steps_per_epoch)
 
     def on_batch(self) -> None:
@@ -67,16 +67,18 @@ def _make(opt: torch.optim.Optimizer, cfg: ScheduleCfg, epochs: int, steps: int)
         peak = cfg.max_lr or base
         # each group peaks in proportion to its own lr (a base with a lower lr stays lower)
         return OneCycleLR(opt, max_lr=[peak * g["lr"] / base for g in opt.param_groups], total_steps=total)
-    if cfg.name == "cosine":
+    if cfg.name in ("cosine", "linear"):
         base = opt.param_groups[0]["lr"]
         warmup = int(cfg.warmup_epochs * steps)
         floor = cfg.min_lr / base
+        # linear: the BERT fine-tuning schedule (warm up, then straight down to min_lr)
+        shape = (lambda p: 1 - p) if cfg.name == "linear" else (lambda p: 0.5 * (1 + math.cos(math.pi * p)))
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            return floor + (1 - floor) * shape(progress)
 
         return LambdaLR(opt, factor)
     return None

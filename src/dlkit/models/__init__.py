@@ -64,4 +64,4 @@ def model_args(name: str) -> list[str]:
     return [p for p in params if p not in DATA_ARGS]
 
 
-from dlkit.models import alexnet, cnn, lenet, lstm, mlp, mobilenetv2, resnet, vgg  # noqa: E402,F401  (registers the families)
+from dlkit.models import alexnet, cnn, distilbert, lenet, lstm, mlp, mobilenetv2, resnet, vgg  # noqa: E402,F401  (registers the families)
