@@ -133,7 +133,7 @@ def test_literal_value_suggests_and_lists_the_choices():
     )
     message = config_error("digits-mlp", ["train.schedule.name=cosin"])
     assert "did you mean 'cosine'" in message
-    assert message.endswith("allowed: constant, step, multistep, cosine, onecycle, plateau")
+    assert message.endswith("allowed: constant, step, multistep, cosine, linear, onecycle, plateau")
 
 
 def test_ill_typed_and_out_of_range_values():

@@ -28,7 +28,7 @@ def test_specs_round_trip_through_json():
 
 
 def test_prep_from_dict_rejects_unknown_or_broken_specs():
-    with pytest.raises(RunDirError, match="kind 'audio'; expected 'image' or 'table'"):
+    with pytest.raises(RunDirError, match="kind 'audio'; expected 'image', 'table' or 'text'"):
         prep_from_dict({"kind": "audio"})
     with pytest.raises(RunDirError, match="malformed"):
         prep_from_dict({"kind": "image", "size": [28, 28]})

@@ -80,6 +80,12 @@ CASES: dict[str, list[Case]] = {
         Case(input_shape=(1, 28, 28), params=11_175_370, conv=True),
     ],
     "resnet50": [imagenet(25_557_032)],
+    # distilbert-base-uncased + pre_classifier 590,592 + classifier 1,538: the published 66,955,010
+    "distilbert": [
+        Case(input_shape=(16,), num_classes=2, params=66_955_010, backward=False),
+        Case(kwargs={"config": {"vocab_size": 50, "dim": 16, "n_layers": 1, "n_heads": 2, "hidden_dim": 32,
+                                "max_position_embeddings": 32}}, input_shape=(16,), num_classes=1),
+    ],
     "mobilenet_v2": [
         imagenet(3_504_872),
         # fc 1280*10+10 instead of 1,281,000; first conv 32*1*9 instead of 32*3*9

@@ -2,9 +2,11 @@
 saved as Hugging Face saves them (safetensors), and a Hugging Face cache holding one under a hub id."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +85,38 @@ def hf_home(tmp_path, tiny_sst2) -> Path:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     return home
+
+
+def _imdb_layout():
+    """tests/imdb_layout.py, loaded by path (tests run under --import-mode=importlib)."""
+    spec = importlib.util.spec_from_file_location("imdb_layout", Path(__file__).parents[1] / "imdb_layout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FILLER = ("the movie film story plot actor director scene camera music script cast ending character it was "
+          "and a of to in this that with for on as but at by from").split()
+
+
+def keyword_reviews(n_per_label: int, seed: int, split: str) -> dict[str, str]:
+    """Reviews of 5-60 filler words where one sentiment word decides the label (pos / neg), with
+    official file names <id>_<rating>.txt under {split}/{neg,pos}/."""
+    rng = np.random.default_rng(seed)
+    reviews = {}
+    for label, keywords, ratings in (("pos", POSITIVE, (7, 10)), ("neg", NEGATIVE, (1, 4))):
+        for i in range(n_per_label):
+            body = list(rng.choice(FILLER, size=int(rng.integers(5, 60))))
+            body.insert(int(rng.integers(0, len(body) + 1)), str(rng.choice(keywords)))
+            rating = int(rng.integers(ratings[0], ratings[1] + 1))
+            reviews[f"{split}/{label}/{i}_{rating}.txt"] = " ".join(body).capitalize() + ".<br /><br />The end."
+    return reviews
+
+
+@pytest.fixture(scope="session")
+def imdb_archive(tmp_path_factory) -> Path:
+    """An aclImdb_v1.tar.gz in the official layout holding learnable keyword reviews (400 + 200 per label)."""
+    folder = tmp_path_factory.mktemp("imdb")
+    reviews = keyword_reviews(400, 0, "train") | keyword_reviews(200, 1, "test")
+    _imdb_layout().write_imdb_archive(folder / "aclImdb_v1.tar.gz", reviews)
+    return folder

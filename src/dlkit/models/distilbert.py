@@ -34,6 +34,8 @@ class TextTransformer(nn.Module):
         self.cam_path = None
         self.report = report  # what loading the weights did, for the run's notes
         self.label_names = label_names  # the checkpoint's own trained label names, when it had a head
+        # a view over the classifier layers, kept out of the module tree (its weights live under `model`)
+        object.__setattr__(self, "_head", nn.ModuleList([model.pre_classifier, model.classifier]))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of token ids."""
@@ -54,7 +56,7 @@ class TextTransformer(nn.Module):
     @property
     def head(self) -> nn.ModuleList:
         """The classification layers on the [CLS] token."""
-        return nn.ModuleList([self.model.pre_classifier, self.model.classifier])
+        return self._head
 
     @property
     def blocks(self) -> list[nn.Module]:
