@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/resnet_speed.py
 	$(BIN)/python benchmarks/feature_cache.py
+	$(BIN)/python benchmarks/lstm_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
