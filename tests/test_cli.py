@@ -278,8 +278,19 @@ def test_predict_table_rows_from_csv_and_inline(tmp_path, lstm_run):
     assert accuracy >= 0.85
 
 
-def test_compare_prints_a_markdown_table(tmp_path, lstm_run, cnn_run):
-    lines = ok("compare", lstm_run, cnn_run, cwd=tmp_path).splitlines()
+def test_compare_groups_runs_by_recipe_in_the_format_asked(tmp_path, lstm_run, cnn_run):
+    lines = ok("compare", lstm_run, cnn_run, lstm_run, cwd=tmp_path).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:3] == ["recipe", "n", "accuracy"] and len(lines) == 4  # the repeated run counts once
+    lstm = read_json(lstm_run / "summary.json")
+    assert lines[2].split("|")[3].strip() == f"{lstm['test_accuracy']:.4f}"
+    table = ok("compare", lstm_run, cnn_run, "--format", "csv", cwd=tmp_path).splitlines()
+    assert table[0].startswith("recipe,n,seeds,accuracy_mean") and len(table) == 3
+    assert ok("compare", lstm_run, "--format", "html", cwd=tmp_path).startswith("<table")
+
+
+def test_compare_per_run_prints_a_markdown_table(tmp_path, lstm_run, cnn_run):
+    lines = ok("compare", lstm_run, cnn_run, "--per-run", cwd=tmp_path).splitlines()
     assert len(lines) == 4
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["recipe", "seed", "test_accuracy", "test_f1", "test_roc_auc", "claimed", "params", "train_s"]
@@ -334,6 +345,10 @@ USER_ERRORS = [
     UserError("predict-csv-wrong-width", ("predict", "{lstm}", "wrong.csv"),
               "wrong.csv: expected 30 values per row (mean radius, ...), got 29"),
     UserError("predict-inline-short", ("predict", "{lstm}", "1,2,3"), "input '1,2,3': expected 30 values per row"),
+    UserError("explain-not-an-image-model", ("explain", "{lstm}", "x.png"),
+              "dlkit explain draws Grad-CAM over images; the model of"),
+    UserError("compare-bad-format", ("compare", "{lstm}", "--format", "xlsx"),
+              "unknown table format 'xlsx'; choose md, csv or html"),
     UserError("evaluate-no-run", ("evaluate", "missing-run"), "run directory missing-run not found"),
     UserError("evaluate-incomplete-run", ("evaluate", "incomplete"), "incomplete is not a finished run"),
     UserError("unknown-option", ("run", "digits-mlp", "--bogus"), "No such option: --bogus"),

@@ -51,13 +51,22 @@ def describe(recipe: str, overrides: SetOpt = [], as_json: Annotated[bool, typer
 @app.command()
 def run(recipe: str, overrides: SetOpt = [], epochs: EpochsOpt = None, seed: SeedOpt = None, out: OutOpt = None,
         data: DataOpt = None, data_dir: DataDirOpt = None, device: DeviceOpt = None,
-        precision: PrecisionOpt = None, quiet: QuietOpt = False) -> None:
+        precision: PrecisionOpt = None, quiet: QuietOpt = False,
+        seeds: Annotated[int, typer.Option(min=1, help="Run N seeds (the recipe's, then the next ones) and "
+                                                       "print their comparison.")] = 1) -> None:
     """Run a recipe (a packaged name or a YAML file): train, test, save; prints the run directory last."""
     from dlkit.recipes import load_recipe
 
     resolved = load_recipe(recipe, overrides, epochs=epochs, seed=seed,
                            fields=_fields(data, data_dir, device, precision))
-    _execute(resolved, out, quiet)
+    if seeds == 1:
+        _execute(resolved, out, quiet)
+        return
+    from dlkit.evaluate.compare import compare_runs
+
+    runs = [_execute(resolved.model_copy(update={"seed": resolved.seed + k}, deep=True),
+                     out / f"seed-{resolved.seed + k}" if out is not None else None, quiet) for k in range(seeds)]
+    typer.echo(compare_runs(runs, "md"))
 
 
 @app.command()
@@ -90,7 +99,7 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")]) -> None:
 
 @app.command()
 def predict(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
-            inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, .npy arrays, CSV files or rows.")]) -> None:
+            inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, .npy arrays, CSV files or rows; texts.")]) -> None:
     """Predict with a finished run: one JSON object per input (label, confidence, probabilities)."""
     from dlkit.predict import Predictor
 
@@ -99,14 +108,39 @@ def predict(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
 
 
 @app.command()
-def compare(runs: Annotated[list[Path], typer.Argument(metavar="RUN...")]) -> None:
-    """One table over finished runs: test metrics beside the seed's claim, params and train time."""
-    from dlkit.evaluate.compare import compare_rows, markdown_table
+def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN")]) -> None:
+    """Re-test a finished run and write its plots (plots/*.png) and report.html; prints the report's path."""
+    from dlkit.evaluate.report import build_report
 
-    typer.echo(markdown_table(compare_rows(runs)))
+    typer.echo(str(build_report(run_dir)))
 
 
-def _execute(recipe: Any, out: Path | None, quiet: bool) -> None:
+@app.command()
+def explain(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
+            image: Annotated[str, typer.Argument(metavar="IMAGE", help="An image file.")],
+            out: Annotated[Path | None, typer.Option("-o", "--out", help="PNG to write (default: IMAGE.gradcam.png)")] = None) -> None:
+    """Grad-CAM: the heat map of where a conv model looked, over the image; prints the predicted class."""
+    from dlkit.explain import explain_image
+
+    typer.echo(json.dumps(explain_image(run_dir, image, out)))
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...")],
+    fmt: Annotated[str, typer.Option("--format", help="md, csv or html")] = "md",
+    per_run: Annotated[bool, typer.Option("--per-run", help="one row per run instead of per recipe")] = False,
+) -> None:
+    """One table over finished runs, grouped by recipe: mean ± std over seeds (95% interval from 3
+    runs), the seed's claim beside ours, params, train time and latency."""
+    from dlkit.evaluate.compare import compare_rows, compare_runs, markdown_table
+
+    table = markdown_table(compare_rows(runs)) if per_run else compare_runs(runs, fmt)
+    typer.echo(table, nl=not table.endswith("\n"))  # csv ends its last record itself
+
+
+def _execute(recipe: Any, out: Path | None, quiet: bool) -> Path:
+    """Run a resolved recipe, print its result line (unless quiet) and its run directory; return the latter."""
     from dlkit.engine.progress import make_progress
     from dlkit.runner import execute
 
@@ -114,6 +148,7 @@ def _execute(recipe: Any, out: Path | None, quiet: bool) -> None:
     if not quiet:
         typer.echo(result_line(result.summary))
     typer.echo(str(result.run_dir))
+    return result.run_dir
 
 
 def result_line(summary: dict[str, Any]) -> str:

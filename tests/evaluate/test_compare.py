@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dlkit.errors import ConfigError, RunDirError
-from dlkit.evaluate.compare import compare_rows, compare_runs, compare_table, load_runs, markdown_table, render
+from dlkit.evaluate.compare import Stat, compare_rows, compare_runs, compare_table, load_runs, markdown_table, render
 from dlkit.rundir import REQUIRED, RunDir
 
 MNIST_CLAIM = {"source": "S0.1", "claims": [{"metric": "test_accuracy", "claimed": 0.99}]}
@@ -246,3 +246,9 @@ def test_the_per_run_table_is_unchanged(tmp_path):
                                          " claimed       ", " params ", " train_s "]
     assert re.fullmatch(r"\|(-+\|)+", lines[1]) and len({len(line) for line in lines}) == 1
     assert lines[2] == "| mnist-cnn | 0    | 0.9000        | -       | -            | accuracy 0.99 | 1,234  | 2.0     |"
+
+
+def test_an_interval_is_cut_at_the_ends_of_a_fraction() -> None:
+    stat = Stat.of([0.0, 1.0, 1.0])
+    assert stat.ci == (0.0, 1.0)  # t(0.975, 2) * 0.577 / sqrt(3) = 1.43 either side, cut at 0 and 1
+    assert Stat.of([0.5, 0.6, 0.7]).ci == pytest.approx((0.3516, 0.8484), abs=1e-4)  # inside: unchanged

@@ -108,3 +108,17 @@ def test_tiny_text_lstm_runs_as_written_and_predicts_from_the_cli(tmp_path) -> N
                            env=env, timeout=300)
     assert empty.returncode == 2 and empty.stderr.startswith("error: empty text: give the text to classify")
     assert "Traceback" not in empty.stderr
+
+
+@pytest.mark.slow
+def test_run_with_seeds_runs_each_seed_and_prints_their_comparison(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "-m", "dlkit", "run", "tiny-text-lstm", "--seeds", "3", "--quiet",
+                           "--out", "multi", "--epochs", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["multi/seed-0", "multi/seed-1", "multi/seed-2"]
+    seeds = [json.loads((tmp_path / "multi" / f"seed-{k}" / "summary.json").read_text())["seed"] for k in range(3)]
+    assert seeds == [0, 1, 2]
+    row = [c.strip() for c in lines[5].strip("|").split("|")]
+    assert row[:2] == ["tiny-text-lstm", "3"] and "[" in row[2]  # mean ± std [95% interval]

@@ -49,7 +49,8 @@ class Stat:
         if n == 2:
             return cls(mean, 2, std)
         half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-        return cls(mean, n, std, (mean - half, mean + half))
+        # every metric compared is a fraction: an interval reaching past 0 or 1 is cut there
+        return cls(mean, n, std, (max(0.0, mean - half), min(1.0, mean + half)))
 
 
 @dataclass(frozen=True)

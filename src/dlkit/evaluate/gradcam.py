@@ -7,8 +7,6 @@ The model is left exactly as it was: same train/eval flags, no `.grad` on any pa
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from torch import Tensor, nn
 
 from dlkit.errors import InputError
 from dlkit.evaluate.metrics import probabilities
+from dlkit.files import write_atomic
 
 
 @dataclass
@@ -145,17 +144,7 @@ def save_overlay(path: str | Path, image: Tensor | np.ndarray, heatmap: Tensor |
     picture = Image.fromarray(overlay(image, heatmap))
     if title:
         picture = _with_title(picture, title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            picture.save(out, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda out: picture.save(out, format="PNG"))
 
 
 def _with_title(picture: Image.Image, title: str) -> Image.Image:
