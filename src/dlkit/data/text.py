@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -289,7 +289,7 @@ def text_bundle(train: Texts, test: Texts | None, cfg: DataCfg, seed: int, sourc
     )
 
 
-def _text_shape(num_classes: int | None) -> Any:
+def _text_shape(num_classes: int | None) -> Callable[[DataCfg], DataShape]:
     """A shape function for text data sets whose classes are known (or given by data.num_classes)."""
 
     def shape(cfg: DataCfg) -> DataShape:
@@ -336,7 +336,7 @@ def load_text_csv(cfg: DataCfg, seed: int) -> DataBundle:
         raise DataError(f"data file {path} is not UTF-8 text; save it as UTF-8 CSV") from None
     except csv.Error as exc:
         raise DataError(f"data file {path} is not a readable CSV: {exc}") from None
-    for line, (text, label) in enumerate(rows, start=2):
+    for line, (_, label) in enumerate(rows, start=2):
         if not label:
             raise DataError(f"data file {path}: line {line} has an empty '{label_col}'")
     texts = Texts([t for t, _ in rows], [lb for _, lb in rows])
