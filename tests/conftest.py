@@ -3,12 +3,18 @@ its official IDX files, made from real handwritten digits."""
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+
+
+# Runs skip their report (plots + report.html, about 2 s each) unless a test asks for one with
+# run(..., report=True) or `dlkit run --report`; tests/evaluate and the end-to-end tests check it.
+os.environ["DLKIT_REPORT"] = "0"
 
 
 @pytest.fixture(autouse=True)

@@ -147,21 +147,24 @@ def test_run_quiet_prints_only_the_run_dir(mlp_run):
     out, stdout = mlp_run
     assert stdout.splitlines() == [str(out)]
     assert read_json(out / "summary.json")["epochs_run"] == 1
+    assert not (out / "report.html").exists()  # the suite runs with DLKIT_REPORT=0
 
 
 def test_run_prints_one_plain_line_per_epoch_and_options_take_effect(tmp_path):
     out = tmp_path / "mine"
     stdout = ok("run", "digits-mlp", "--epochs", 2, "--seed", 3, "--set", "train.batch_size=64",
-                "--set", "model.dropout=0.25", "--out", out, cwd=tmp_path)
+                "--set", "model.dropout=0.25", "--out", out, "--report", cwd=tmp_path)
     lines = stdout.splitlines()
-    assert len(lines) == 4, stdout  # no progress bar, no escape codes: stdout is a pipe
+    assert len(lines) == 5, stdout  # no progress bar, no escape codes: stdout is a pipe
     for n, line in enumerate(lines[:2], start=1):
         assert re.fullmatch(rf"epoch {n}/2  train_loss \S+  train_accuracy \S+  val_loss \S+  "
                             r"val_accuracy \S+  lr 0\.001  seconds \S+", line), line
     summary = read_json(out / "summary.json")
     assert lines[2] == (f"test_accuracy {summary['test_accuracy']:.4f}  test_f1 {summary['test_f1']:.4f}"
-                        "  (claimed test_accuracy 0.994, S2.3)")
-    assert lines[3] == str(out)
+                        f"  test_roc_auc {summary['test_roc_auc']:.4f}  (claimed test_accuracy 0.994, S2.3)")
+    assert lines[3] == f"report {out / 'report.html'}"
+    assert (out / "report.html").is_file() and (out / "plots" / "curves.png").is_file()
+    assert lines[4] == str(out)
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["seed"] == 3 and recipe["train"]["epochs"] == 2 and recipe["train"]["batch_size"] == 64
     assert recipe["model"] == {"name": "mlp", "hidden": [128, 64], "dropout": 0.25}
@@ -210,9 +213,11 @@ def test_evaluate_prints_the_summarys_test_metrics(tmp_path, lstm_run):
     metrics = json.loads(ok("evaluate", lstm_run, cwd=tmp_path))
     summary = read_json(lstm_run / "summary.json")
     assert metrics["recipe"] == "breast-cancer-lstm" and metrics["n_test"] == summary["n_test"] == 114
-    for key in ("test_accuracy", "test_f1", "test_roc_auc"):
-        assert metrics[key] == summary[key], key
-    assert metrics["test_loss"] == pytest.approx(summary["test_loss"], abs=1e-6)
+    tested = {k for k in summary if k.startswith("test_")}
+    assert tested == {"test_accuracy", "test_loss", "test_f1", "test_precision", "test_recall", "test_roc_auc",
+                      "test_ece"}  # two classes: no top-k
+    assert {k: metrics[k] for k in tested} == {k: summary[k] for k in tested}  # one pass, the same weights
+    assert metrics["latency_ms"] > 0 and summary["latency_ms"] > 0
 
 
 def _save_grey(pixels: np.ndarray, path: Path, mode: str = "L") -> Path:
@@ -303,7 +308,8 @@ def test_compare_per_run_prints_a_markdown_table(tmp_path, lstm_run, cnn_run):
         assert row["test_accuracy"] == f"{summary['test_accuracy']:.4f}"
         assert row["params"] == f"{summary['params']:,}"
     assert rows[0]["recipe"] == "breast-cancer-lstm" and rows[0]["claimed"] == "accuracy 0.97, f1 0.96, roc_auc 0.99"
-    assert rows[1]["recipe"] == "digits-cnn" and rows[1]["test_roc_auc"] == "-" and rows[1]["params"] == "225,034"
+    assert rows[1]["recipe"] == "digits-cnn" and rows[1]["test_roc_auc"] == f"{read_json(cnn_run / 'summary.json')['test_roc_auc']:.4f}"
+    assert rows[1]["params"] == "225,034"
 
 
 # ---- user errors: one line on stderr, exit code 2, no traceback ----------------------------------------

@@ -23,6 +23,9 @@ DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Folder hold
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")]
 PrecisionOpt = Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+ReportOpt = Annotated[bool | None, typer.Option("--report/--no-report", show_default=False,
+                                                help="Write plots/ and report.html after testing "
+                                                     "[default: yes, unless DLKIT_REPORT=0].")]
 
 
 def _fields(data: str | None, data_dir: Path | None, device: str | None, precision: str | None) -> dict[str, Any]:
@@ -51,7 +54,7 @@ def describe(recipe: str, overrides: SetOpt = [], as_json: Annotated[bool, typer
 @app.command()
 def run(recipe: str, overrides: SetOpt = [], epochs: EpochsOpt = None, seed: SeedOpt = None, out: OutOpt = None,
         data: DataOpt = None, data_dir: DataDirOpt = None, device: DeviceOpt = None,
-        precision: PrecisionOpt = None, quiet: QuietOpt = False,
+        precision: PrecisionOpt = None, quiet: QuietOpt = False, report: ReportOpt = None,
         seeds: Annotated[int, typer.Option(min=1, help="Run N seeds (the recipe's, then the next ones) and "
                                                        "print their comparison.")] = 1) -> None:
     """Run a recipe (a packaged name or a YAML file): train, test, save; prints the run directory last."""
@@ -60,12 +63,13 @@ def run(recipe: str, overrides: SetOpt = [], epochs: EpochsOpt = None, seed: See
     resolved = load_recipe(recipe, overrides, epochs=epochs, seed=seed,
                            fields=_fields(data, data_dir, device, precision))
     if seeds == 1:
-        _execute(resolved, out, quiet)
+        _execute(resolved, out, quiet, report)
         return
     from dlkit.evaluate.compare import compare_runs
 
     runs = [_execute(resolved.model_copy(update={"seed": resolved.seed + k}, deep=True),
-                     out / f"seed-{resolved.seed + k}" if out is not None else None, quiet) for k in range(seeds)]
+                     out / f"seed-{resolved.seed + k}" if out is not None else None, quiet, report)
+            for k in range(seeds)]
     typer.echo(compare_runs(runs, "md"))
 
 
@@ -79,14 +83,15 @@ def train(model: Annotated[str, typer.Option(help="A registered model (dlkit lis
           weights: Annotated[str | None, typer.Option(help="Pretrained weights: imagenet, or a .pth/.safetensors file.")] = None,
           freeze: Annotated[str, typer.Option(help="none, or base: train only the classifier on a frozen base.")] = "none",
           overrides: SetOpt = [], seed: SeedOpt = None, out: OutOpt = None, data_dir: DataDirOpt = None,
-          device: DeviceOpt = None, precision: PrecisionOpt = None, quiet: QuietOpt = False) -> None:
+          device: DeviceOpt = None, precision: PrecisionOpt = None, quiet: QuietOpt = False,
+          report: ReportOpt = None) -> None:
     """Train a model on a data set without a recipe file."""
     from dlkit.recipes import adhoc_recipe
 
     fields = _fields(None, data_dir, device, precision) | {"model.weights": weights, "train.freeze": freeze}
     resolved = adhoc_recipe(model, data, overrides, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                             lr=lr, seed=seed, fields=fields)
-    _execute(resolved, out, quiet)
+    _execute(resolved, out, quiet, report)
 
 
 @app.command()
@@ -139,14 +144,18 @@ def compare(
     typer.echo(table, nl=not table.endswith("\n"))  # csv ends its last record itself
 
 
-def _execute(recipe: Any, out: Path | None, quiet: bool) -> Path:
-    """Run a resolved recipe, print its result line (unless quiet) and its run directory; return the latter."""
+def _execute(recipe: Any, out: Path | None, quiet: bool, report: bool | None = None) -> Path:
+    """Run a resolved recipe, print its result line and report (unless quiet) and its run directory;
+    return the latter."""
     from dlkit.engine.progress import make_progress
     from dlkit.runner import execute
 
-    result = execute(recipe, out=out, progress=make_progress(quiet))
+    result = execute(recipe, out=out, progress=make_progress(quiet), report=report)
+    page = result.run_dir / "report.html"
     if not quiet:
         typer.echo(result_line(result.summary))
+        if page.is_file():
+            typer.echo(f"report {page}")
     typer.echo(str(result.run_dir))
     return result.run_dir
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from dlkit.engine.progress import PlainProgress
-from dlkit.evaluate.compare import compare_rows, markdown_table
+from dlkit.evaluate.compare import compare_runs
 from dlkit.recipes import load_recipe
 from dlkit.runner import execute
 
@@ -16,11 +16,11 @@ def main() -> None:
     runs = []
     for name in DEMO_RECIPES:
         print(f"== dlkit run {name}", flush=True)
-        result = execute(load_recipe(name), progress=PlainProgress())
-        print(f"   -> {result.run_dir}", flush=True)
+        result = execute(load_recipe(name), progress=PlainProgress(), report=True)
+        print(f"   -> {result.run_dir}  (report: {result.run_dir / 'report.html'})", flush=True)
         runs.append(result.run_dir)
     print()
-    print(markdown_table(compare_rows(runs)))
+    print(compare_runs(runs, "md"))
 
 
 if __name__ == "__main__":

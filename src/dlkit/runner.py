@@ -1,6 +1,7 @@
 """`run`: a recipe in, a finished run directory out (train, test, save the bundle)."""
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -18,13 +19,12 @@ import dlkit
 from dlkit.config import TEXT_MODELS, Recipe, TrainCfg
 from dlkit.data import DataBundle, load_data
 from dlkit.engine import Callback, Checkpoint, EarlyStopping, GradClip, History, MetricsLog, fit
-from dlkit.engine.loop import predict_split
 from dlkit.engine.checkpoint import save_weights, write_json
 from dlkit.engine.optim import metric_mode
 from dlkit.engine.progress import PlainProgress, QuietProgress, make_progress
 from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
 from dlkit.errors import ConfigError, TrainingError
-from dlkit.evaluate.metrics import classification_metrics
+from dlkit.evaluate.predictions import TestPredictions, evaluation_notes, measure_test
 from dlkit.models import build, model_args
 from dlkit.recipes import load_recipe
 from dlkit.rundir import BUNDLE_FORMAT, new_run_dir
@@ -44,11 +44,18 @@ class RunResult:
 
 def run(recipe: str | Path | Recipe, *, overrides: list[str] | tuple[str, ...] = (), epochs: int | None = None,
         seed: int | None = None, out: str | Path | None = None, fields: dict[str, Any] | None = None,
-        quiet: bool = True, runs_root: str | Path = "runs") -> RunResult:
-    """Train, test and save a recipe (a packaged name, a YAML path or a Recipe)."""
+        quiet: bool = True, runs_root: str | Path = "runs", report: bool | None = None) -> RunResult:
+    """Train, test and save a recipe (a packaged name, a YAML path or a Recipe), then write its report
+    (`report`: None follows the DLKIT_REPORT environment variable, on unless it is 0)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, epochs=epochs, seed=seed, fields=fields)
-    return execute(recipe, out=out, progress=make_progress(quiet), runs_root=runs_root)
+    return execute(recipe, out=out, progress=make_progress(quiet), runs_root=runs_root, report=report)
+
+
+def report_default() -> bool:
+    """Whether a run writes its report when not told: yes, unless DLKIT_REPORT is 0 / false / no / off
+    (sweeps and test suites that only want the numbers save the few seconds the plots take)."""
+    return os.environ.get("DLKIT_REPORT", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def build_model(recipe: Recipe, num_outputs: int, input_shape: tuple[int, ...],
@@ -91,12 +98,16 @@ def load_pretrained(recipe: Recipe, model: nn.Module, progress: bool = False) ->
 
 
 def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainProgress | None = None,
-            runs_root: str | Path = "runs") -> RunResult:
-    """Run a resolved recipe; the run directory is created only once data and model are ready."""
+            runs_root: str | Path = "runs", report: bool | None = None) -> RunResult:
+    """Run a resolved recipe; the run directory is created only once data and model are ready.
+
+    The run is complete (bundle, summary) before its report is written, so a report that fails
+    loses nothing: `dlkit report RUN` writes it again."""
+    report = report_default() if report is None else report
     if recipe.train.engine == "numpy":
         from dlkit.scratch_run import execute_numpy
 
-        return execute_numpy(recipe, out=out, runs_root=runs_root)
+        return execute_numpy(recipe, out=out, runs_root=runs_root, report=report)
     device = resolve_device(recipe.train.device)
     precision = resolve_precision(recipe.train.precision, device)
     data = load_data(recipe.data, recipe.seed)
@@ -127,14 +138,25 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
         raise TrainingError(f"{exc}{kept}") from None
     history.notes[:0] = monitor_notes
 
-    # tested in fp32, as `predict`, `evaluate` and `serve` run it, so their answers agree
-    logits = predict_split(model, data.test, device=device, batch_size=recipe.train.eval_batch_size)
-    test = classification_metrics(logits, data.test.y, data.task)
+    # tested in fp32 and the default memory layout, as `predict`, `evaluate` and `serve` run the saved
+    # bundle, so their answers agree with summary.json to the last bit on the same device
+    model.to(memory_format=torch.contiguous_format)
+    test, predictions = measure_test(model, data, recipe.train.eval_batch_size)
+    history.notes += evaluation_notes(predictions, data.classes)
     save_weights(model, run_dir / "model.safetensors")
     write_json(run_dir / "bundle.json", bundle_meta(recipe, data, model, extra))
     summary = summarize_run(recipe, data, model, history, test, device, precision)
     write_json(run_dir / "summary.json", summary)
+    if report:
+        write_run_report(run_dir, model, data, predictions)
     return RunResult(run_dir, summary, history.epochs)
+
+
+def write_run_report(run_dir: Path, model: nn.Module, data: DataBundle, predictions: TestPredictions | None) -> Path:
+    """evaluation.json, plots/ and report.html of a finished run, from the predictions just made."""
+    from dlkit.evaluate.report import build_report  # matplotlib loads only when a report is written
+
+    return build_report(run_dir, model, data, predictions)
 
 
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
@@ -189,6 +211,7 @@ def summarize_run(recipe: Recipe, data: DataBundle, model: nn.Module, history: H
         "device": device.type,
         "precision": precision,
         "seed": recipe.seed,
+        "data_source": data.meta.get("source"),
         "expect": expect_vs_achieved(recipe, test),
         "notes": history.notes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

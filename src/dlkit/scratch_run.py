@@ -25,13 +25,15 @@ from dlkit.engine.checkpoint import save_weights, write_json
 from dlkit.engine.loop import History, predict_split
 from dlkit.errors import ConfigError
 from dlkit.evaluate.metrics import classification_metrics
+from dlkit.evaluate.predictions import evaluation_notes, measure_test
 from dlkit.models import MODELS, build
-from dlkit.runner import RunResult, build_model, bundle_meta, summarize_run, write_recipe
+from dlkit.runner import RunResult, build_model, bundle_meta, summarize_run, write_recipe, write_run_report
 from dlkit.rundir import new_run_dir
 from dlkit.scratch import linreg, mlp
 
 
-def execute_numpy(recipe: Recipe, *, out: str | Path | None = None, runs_root: str | Path = "runs") -> RunResult:
+def execute_numpy(recipe: Recipe, *, out: str | Path | None = None, runs_root: str | Path = "runs",
+                  report: bool = True) -> RunResult:
     """Train a recipe's mlp with dlkit.scratch (a single neuron for regression without hidden layers)."""
     cfg = recipe.train
     if recipe.model.name != "mlp" or cfg.optimizer.name != "sgd" or cfg.stages or cfg.freeze != "none":
@@ -54,8 +56,9 @@ def execute_numpy(recipe: Recipe, *, out: str | Path | None = None, runs_root: s
     history = History(epochs=epochs, train_seconds=time.perf_counter() - started,
                       stages=[{"index": 0, "name": "stage 1", "first_epoch": 1, "last_epoch": len(epochs),
                                "freeze": "none"}])
-    logits = predict_split(model, data.test, device=torch.device("cpu"))
-    test = classification_metrics(logits, data.test.y, data.task) | extra
+    test, predictions = measure_test(model, data, recipe.train.eval_batch_size)
+    test |= extra
+    history.notes += evaluation_notes(predictions, data.classes)
 
     run_dir = new_run_dir(recipe.name, out, runs_root)
     write_recipe(run_dir, recipe)
@@ -66,6 +69,8 @@ def execute_numpy(recipe: Recipe, *, out: str | Path | None = None, runs_root: s
     write_json(run_dir / "bundle.json", bundle_meta(recipe, data, model))
     summary = summarize_run(recipe, data, model, history, test, torch.device("cpu"), "fp64 (numpy)")
     write_json(run_dir / "summary.json", summary)
+    if report:
+        write_run_report(run_dir, model, data, predictions)
     return RunResult(run_dir, summary, epochs)
 
 
@@ -117,7 +122,9 @@ def _mlp(recipe: Recipe, data: DataBundle, hidden: list[int], activation: str, x
     twin = build(recipe.model.name, num_classes=len(data.classes), input_shape=data.input_shape,
                  **recipe.model.args()).double()
     load_numpy(twin, start)
-    _torch_fit(twin, x, labels, recipe)
+    twin_losses = _torch_fit(twin, x, labels, recipe)
+    for row, loss in zip(epochs, twin_losses, strict=True):
+        row["torch_train_loss"] = loss
     diff = max_weight_diff(net.parameters(), twin)
     twin_params = [t.detach().numpy() for layer in _linears(twin) for t in (layer.weight.T, layer.bias)]
     twin_model = build_model(recipe, data.num_outputs, data.input_shape)
@@ -149,20 +156,27 @@ def load_numpy(model: nn.Module, params: list[np.ndarray]) -> None:
             layer.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)))
 
 
-def _torch_fit(model: nn.Module, x: np.ndarray, y: np.ndarray, recipe: Recipe) -> None:
-    """The same training in PyTorch (autograd, torch.optim.SGD) in float64, batch order from the same seed."""
+def _torch_fit(model: nn.Module, x: np.ndarray, y: np.ndarray, recipe: Recipe) -> list[float]:
+    """The same training in PyTorch (autograd, torch.optim.SGD) in float64, batch order from the same seed;
+    the training loss of each epoch, averaged over its batches before their updates as the NumPy fit does."""
     cfg, opt = recipe.train, recipe.train.optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum)
     rng = np.random.default_rng(recipe.seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
     model.train()
+    losses = []
     for _ in range(cfg.epochs):
         order = torch.from_numpy(rng.permutation(len(x)))
+        total = 0.0
         for start in range(0, len(x), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
             optimizer.zero_grad()
-            F.cross_entropy(model(xt[rows]), yt[rows]).backward()
+            loss = F.cross_entropy(model(xt[rows]), yt[rows])
+            loss.backward()
             optimizer.step()
+            total += loss.item() * len(rows)
+        losses.append(total / len(x))
+    return losses
 
 
 def max_weight_diff(params: list[np.ndarray], model: nn.Module) -> float:

@@ -8,7 +8,7 @@ mailed or archived as one file.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,70 +16,32 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from dlkit.data import DataBundle, load_data
+from dlkit.data import DataBundle
 from dlkit.data.bundle import TensorSplit
 from dlkit.data.text import TextPrep
 from dlkit.engine.checkpoint import write_json
-from dlkit.engine.runtime import eval_mode
-from dlkit.errors import RunDirError
 from dlkit.evaluate import plots
 from dlkit.evaluate.explain_text import MAX_TOKENS, mask_id, occlusion_importance, token_names
 from dlkit.evaluate.gradcam import gradcam, overlay
-from dlkit.evaluate.metrics import probabilities
+from dlkit.evaluate.predictions import TestPredictions, predict_test
 from dlkit.evaluate.report_html import PLOT_CAPTIONS, write_report
-from dlkit.evaluate.stream import Evaluation, MetricStream
-from dlkit.predict import Predictor
+from dlkit.evaluate.retest import load_run
+from dlkit.evaluate.stream import Evaluation
 from dlkit.rundir import RunDir
 
 MAX_CAM_IMAGES = 8
 MAX_TEXTS = 4
 
 
-@dataclass
-class TestPredictions:
-    """The test split's metrics, with each example's predicted class and that class's probability."""
-
-    evaluation: Evaluation
-    predicted: np.ndarray
-    confidence: np.ndarray
-
-
-def load_run(run_dir: str | Path, model: nn.Module | None = None,
-             data: DataBundle | None = None) -> tuple[RunDir, nn.Module, DataBundle]:
-    """The run with its model and data: those given, else rebuilt from the bundle and the recipe."""
-    run = RunDir.open(run_dir)
-    if model is None:
-        model = Predictor.from_run(run.path).model
-    if data is None:
-        recipe = run.recipe()
-        data = load_data(recipe.data, recipe.seed)
-        if data.fingerprint() != run.bundle()["data_fingerprint"]:
-            raise RunDirError(f"the data loaded for {run.path} differ from the data it was trained on "
-                              "(files changed?); evaluate on the original data")
-    return run, model, data
-
-
-@torch.no_grad()
-def predict_test(model: nn.Module, data: DataBundle, batch_size: int = 512) -> TestPredictions:
-    """Metrics and predictions over the test split, batch by batch, the model in fp32 eval mode."""
-    stream = MetricStream(data.task, len(data.classes))
-    device = next(model.parameters(), torch.empty(0)).device
-    predicted, confidence = [], []
-    with eval_mode(model):
-        for xb, yb in data.test.batches(batch_size):
-            logits = model(xb.to(device)).float().cpu()
-            stream.update(logits, yb)
-            conf, pred = probabilities(logits, data.task).max(1)
-            predicted.append(pred.numpy())
-            confidence.append(conf.numpy())
-    return TestPredictions(stream.result(), np.concatenate(predicted), np.concatenate(confidence))
-
-
 def evaluate_run_dir(run_dir: str | Path, model: nn.Module | None = None,
                      data: DataBundle | None = None) -> Evaluation | None:
     """Test-split metrics of a run, written to evaluation.json; None (nothing written) for regression."""
-    predictions = _evaluate(*load_run(run_dir, model, data))
-    return predictions.evaluation if predictions is not None else None
+    run, model, data = load_run(run_dir, model, data)
+    predictions = _predictions(run, model, data)
+    if predictions is None:
+        return None
+    write_json(run.path / "evaluation.json", predictions.evaluation.to_dict())
+    return predictions.evaluation
 
 
 def write_plots(run_dir: str | Path, model: nn.Module | None = None, data: DataBundle | None = None,
@@ -92,10 +54,18 @@ def write_plots(run_dir: str | Path, model: nn.Module | None = None, data: DataB
     return _write_plots(run, model, data, predictions)
 
 
-def build_report(run_dir: str | Path, model: nn.Module | None = None, data: DataBundle | None = None) -> Path:
-    """evaluation.json, plots/ and report.html for a run, from one pass over the test split."""
+def build_report(run_dir: str | Path, model: nn.Module | None = None, data: DataBundle | None = None,
+                 predictions: TestPredictions | None = None) -> Path:
+    """evaluation.json, plots/ and report.html for a run, from one pass over the test split.
+
+    A caller that has just tested the model passes its `predictions` (with the model and data)
+    and the test split is not run again."""
     run, model, data = load_run(run_dir, model, data)
-    _write_plots(run, model, data, _evaluate(run, model, data))
+    if predictions is None:
+        predictions = _predictions(run, model, data)
+    if predictions is not None:
+        write_json(run.path / "evaluation.json", predictions.evaluation.to_dict())
+    _write_plots(run, model, data, predictions)
     return write_report(run.path)
 
 
@@ -104,14 +74,6 @@ def _predictions(run: RunDir, model: nn.Module, data: DataBundle) -> TestPredict
     if data.task == "regression":
         return None
     return predict_test(model, data, run.recipe().train.eval_batch_size)
-
-
-def _evaluate(run: RunDir, model: nn.Module, data: DataBundle) -> TestPredictions | None:
-    """The test predictions, their metrics written to evaluation.json."""
-    predictions = _predictions(run, model, data)
-    if predictions is not None:
-        write_json(run.path / "evaluation.json", predictions.evaluation.to_dict())
-    return predictions
 
 
 def _write_plots(run: RunDir, model: nn.Module, data: DataBundle, predictions: TestPredictions | None) -> list[Path]:

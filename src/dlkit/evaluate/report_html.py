@@ -107,7 +107,8 @@ def _missing(text: str) -> str:
 
 def _summary(summary: dict[str, Any]) -> str:
     """Test metrics, then size, cost and run settings; the run's notes below."""
-    skip = {"n_train", "n_val", "n_test", "params", "trainable_params", "train_seconds", "epochs_run", "seed"}
+    skip = {"n_train", "n_val", "n_test", "params", "trainable_params", "train_seconds", "epochs_run", "seed",
+            "latency_ms"}
     metrics = [(k, v) for k, v in summary.items()
                if isinstance(v, int | float) and not isinstance(v, bool) and k not in skip]
     get = summary.get
@@ -115,6 +116,7 @@ def _summary(summary: dict[str, Any]) -> str:
             ("examples (train / val / test)", f"{_fmt(get('n_train'))} / {_fmt(get('n_val'))} / {_fmt(get('n_test'))}"),
             ("parameters (trainable)", f"{_fmt(get('params'))} ({_fmt(get('trainable_params'))})"),
             ("train time (s)", get("train_seconds")), ("epochs run", get("epochs_run")),
+            ("latency (ms per example, batch of 1)", get("latency_ms")),
             ("device", get("device")), ("precision", get("precision")), ("seed", get("seed"))]
     notes = get("notes") or []
     listed = "<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>" if notes else ""

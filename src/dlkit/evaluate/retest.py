@@ -4,25 +4,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
-from dlkit.data import load_data
-from dlkit.engine.loop import predict_split
+from dlkit.data import DataBundle, load_data
 from dlkit.errors import RunDirError
-from dlkit.evaluate.metrics import classification_metrics
+from dlkit.evaluate.predictions import measure_test
 from dlkit.predict import Predictor
 from dlkit.rundir import RunDir
 
 
+def load_run(run_dir: str | Path, model: nn.Module | None = None,
+             data: DataBundle | None = None) -> tuple[RunDir, nn.Module, DataBundle]:
+    """The run with its model and data: those given, else rebuilt from the bundle and the recipe
+    (the data must be the data it was trained on)."""
+    run = RunDir.open(run_dir)
+    if model is None:
+        model = Predictor.from_run(run.path).model
+    if data is None:
+        recipe = run.recipe()
+        data = load_data(recipe.data, recipe.seed)
+        if data.fingerprint() != run.bundle()["data_fingerprint"]:
+            raise RunDirError(f"the data loaded for {run.path} differ from the data it was trained on "
+                              "(files changed?); evaluate on the original data")
+    return run, model, data
+
+
 def evaluate_run(path: str | Path) -> dict[str, Any]:
-    """Test metrics of a finished run, recomputed; the data must be the data it was trained on."""
-    run = RunDir.open(path)
-    recipe = run.recipe()
-    predictor = Predictor.from_run(run.path)
-    data = load_data(recipe.data, recipe.seed)
-    if data.fingerprint() != predictor.bundle["data_fingerprint"]:
-        raise RunDirError(f"the data loaded for {run.path} differ from the data it was trained on "
-                          "(files changed?); evaluate on the original data")
-    logits = predict_split(predictor.model, data.test, device=torch.device("cpu"))
-    return {"run": str(run.path), "recipe": recipe.name, "n_test": len(data.test),
-            **classification_metrics(logits, data.test.y, data.task)}
+    """Test metrics of a finished run, recomputed (on the CPU, in fp32)."""
+    run, model, data = load_run(path)
+    metrics, _ = measure_test(model, data, run.recipe().train.eval_batch_size)
+    return {"run": str(run.path), "recipe": run.recipe().name, "n_test": len(data.test), **metrics}

@@ -1,0 +1,120 @@
+"""The test split run through a trained model once: streamed metrics, each example's prediction, and
+the model's latency per example. `dlkit run`, `dlkit evaluate` and the report all test this way, so
+their numbers agree.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dlkit.data import DataBundle
+from dlkit.data.bundle import TensorSplit
+from dlkit.engine.loop import predict_split
+from dlkit.engine.runtime import eval_mode
+from dlkit.evaluate.metrics import classification_metrics, probabilities
+from dlkit.evaluate.stream import Evaluation, MetricStream
+
+LATENCY_REPEATS = 25  # timed single-example forward passes, after LATENCY_WARMUP untimed ones
+LATENCY_WARMUP = 3
+LATENCY_BUDGET_S = 2.0  # stop timing early past this, so a large model on a CPU costs seconds, not minutes
+
+
+@dataclass
+class TestPredictions:
+    """The test split's metrics, with each example's predicted class and that class's probability."""
+
+    evaluation: Evaluation
+    predicted: np.ndarray
+    confidence: np.ndarray
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+@torch.no_grad()
+def predict_test(model: nn.Module, data: DataBundle, batch_size: int = 512) -> TestPredictions:
+    """Metrics and predictions over the test split, batch by batch, the model in fp32 eval mode.
+
+    A class missing from the test split leaves its ROC-AUC undefined (None); `evaluation_notes` says so
+    in words, instead of the stream's warning."""
+    stream = MetricStream(data.task, len(data.classes))
+    device = model_device(model)
+    predicted, confidence = [], []
+    with eval_mode(model):
+        for xb, yb in data.test.batches(batch_size):
+            logits = model(xb.to(device)).float().cpu()
+            stream.update(logits, yb)
+            conf, pred = probabilities(logits, data.task).max(1)
+            predicted.append(pred.numpy())
+            confidence.append(conf.numpy())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="roc_auc is undefined")
+        evaluation = stream.result()
+    return TestPredictions(evaluation, np.concatenate(predicted), np.concatenate(confidence))
+
+
+def evaluation_notes(predictions: TestPredictions | None, classes: list[str]) -> list[str]:
+    """Run notes about the test: the classes whose ROC-AUC is undefined (no test examples of them, or only them)."""
+    if predictions is None:
+        return []
+    names = {"positive": classes[-1]} | {str(i): c for i, c in enumerate(classes)}
+    missing = [names[k] for k, curve in predictions.evaluation.roc.items() if k != "macro" and curve["auc"] is None]
+    if not missing:
+        return []
+    return [f"ROC-AUC undefined for class {', '.join(missing)}: the test split lacks its positive or negative "
+            "examples, so test_roc_auc is left out"]
+
+
+def measure_test(model: nn.Module, data: DataBundle,
+                 batch_size: int = 512) -> tuple[dict[str, Any], TestPredictions | None]:
+    """The `test_*` metrics and `latency_ms` a run adds to summary.json, and (classification) the
+    predictions behind them.
+
+    Classification: accuracy, log loss, macro precision / recall / F1, ROC-AUC (binary, or the
+    macro one-vs-rest mean), top-3 / top-5 accuracy where there are more classes, ECE.
+    Regression: MSE, MAE, R2.
+    """
+    if data.task == "regression":
+        logits = predict_split(model, data.test, device=model_device(model), batch_size=batch_size)
+        metrics, predictions = classification_metrics(logits, data.test.y, data.task), None
+    else:
+        predictions = predict_test(model, data, batch_size)
+        metrics = predictions.evaluation.metrics("test_")
+    return metrics | {"latency_ms": latency_ms(model, data.test)}, predictions
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, split: TensorSplit) -> float | None:
+    """Median milliseconds of one forward pass on a single example (fp32, eval mode, the model's device).
+
+    Serving answers one request at a time, so this is the number a user waits for; None for an
+    empty split. A CUDA device is synchronised around each pass so the time is the kernel's, not
+    the launch's.
+    """
+    if len(split) == 0:
+        return None
+    device = model_device(model)
+    x = next(split.batches(1))[0].to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: list[float] = []
+    with eval_mode(model):
+        for _ in range(LATENCY_WARMUP):
+            model(x)
+        started = time.perf_counter()
+        while len(times) < LATENCY_REPEATS and (not times or time.perf_counter() - started < LATENCY_BUDGET_S):
+            sync()
+            t = time.perf_counter()
+            model(x)
+            sync()
+            times.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(times), 4)
+
