@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dlkit.data.inputs import read_image
 from dlkit.data.preprocess import ImagePrep, prep_from_dict
 from dlkit.errors import InputError
-from dlkit.evaluate.gradcam import gradcam, save_overlay
+from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, save_overlay
 from dlkit.predict import Predictor
 
 DISPLAY = 224  # smallest side of the picture written, in pixels
@@ -34,5 +34,10 @@ def explain_image(run_dir: str | Path, source: str, out: str | Path | None = Non
     if scale > 1:  # a 28x28 digit is enlarged so the picture can be read
         image = F.interpolate(image, scale_factor=scale, mode="nearest")
         heat = F.interpolate(heat, scale_factor=scale, mode="bilinear", align_corners=False)
-    save_overlay(path, image[0], heat[0, 0], title=f"{label} ({confidence:.1%})")
-    return {"input": source, "label": label, "confidence": round(confidence, 6), "heatmap": str(path)}
+    shows = evidence(cam.heatmaps[0])
+    save_overlay(path, image[0], heat[0, 0], title=f"{label} ({confidence:.1%})" + ("" if shows else f", {NO_EVIDENCE}"))
+    result = {"input": source, "label": label, "confidence": round(confidence, 6), "heatmap": str(path)}
+    if not shows:
+        result["note"] = (f"the map is empty: no place in the model's last conv layer raised the score of {label} "
+                          "(the class rests on what is absent there)")
+    return result

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dlkit.errors import InputError
-from dlkit.evaluate.gradcam import gradcam, jet, overlay, save_overlay
+from dlkit.evaluate.gradcam import evidence, gradcam, jet, overlay, save_overlay
 from dlkit.models import MODELS, build
 
 PATCH = 6
@@ -140,6 +140,31 @@ def test_one_logit_binary_model_explains_each_class_with_the_logits_sign():
     assert torch.equal(class1.predicted, (p > 0.5).long())
     assert torch.equal(class0.target, torch.zeros(6, dtype=torch.long))
     assert (class0.heatmaps - class1.heatmaps).abs().amax(dim=(1, 2)).min() > 0.1
+
+
+class Brightness(nn.Module):
+    """Class 1's logit is the mean of a ReLU'd conv map, class 0's its negative: the map argues only for class 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU())
+        self.cam_layer = self.features  # activations A >= 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        score = self.features(x).mean(dim=(1, 2, 3))
+        return torch.stack([-score, score], dim=1)
+
+
+def test_a_class_that_nothing_in_the_layer_supports_gets_an_empty_map():
+    torch.manual_seed(0)
+    model = Brightness()
+    x = torch.rand(3, 1, 12, 12)
+    supported, against = gradcam(model, x, 1), gradcam(model, x, 0)
+    assert all(evidence(m) for m in supported.heatmaps)
+    assert supported.heatmaps.amax(dim=(1, 2)).tolist() == [1.0, 1.0, 1.0]
+    # every weight w_k is negative for class 0, so relu(sum_k w_k A_k) is zero everywhere: no evidence
+    assert not any(evidence(m) for m in against.heatmaps)
+    assert torch.equal(against.heatmaps, torch.zeros(3, 12, 12))
 
 
 # every conv model of the registry, at a small input; (input_shape, builder arguments)

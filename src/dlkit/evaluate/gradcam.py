@@ -25,7 +25,8 @@ from dlkit.files import write_atomic
 class CamResult:
     """Grad-CAM maps of a batch and what the model said about each image (all on the CPU)."""
 
-    heatmaps: Tensor  # (N, H, W) in [0, 1] at the input's size, each scaled by its own max
+    heatmaps: Tensor  # (N, H, W) in [0, 1] at the input's size, each scaled by its own max; all zero when
+    # no place in the layer raised the score (every weighted sum negative: the evidence is what is absent)
     predicted: Tensor  # (N,) predicted class index
     target: Tensor  # (N,) the class each map explains
     probabilities: Tensor  # (N, num_classes); binary (one logit): (1 - p, p)
@@ -54,6 +55,14 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
         handle.remove()
         for module, training in modes.items():
             module.train(training)
+
+
+NO_EVIDENCE = "no positive evidence"  # what a caption says of an all-zero map
+
+
+def evidence(heatmap: Tensor) -> bool:
+    """Whether a Grad-CAM map shows anything (is not all zero)."""
+    return bool(heatmap.amax() > 0)
 
 
 def _check_fp32(model: nn.Module) -> None:

@@ -22,7 +22,7 @@ from dlkit.data.text import TextPrep
 from dlkit.engine.checkpoint import write_json
 from dlkit.evaluate import plots
 from dlkit.evaluate.explain_text import MAX_TOKENS, mask_id, occlusion_importance, token_names
-from dlkit.evaluate.gradcam import gradcam, overlay
+from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, overlay
 from dlkit.evaluate.predictions import TestPredictions, predict_test
 from dlkit.evaluate.report_html import PLOT_CAPTIONS, write_report
 from dlkit.evaluate.retest import load_run
@@ -157,6 +157,7 @@ def _image_figures(model: nn.Module, data: DataBundle, predictions: TestPredicti
         images = _display(x)
         overlays = [overlay(img, heat) for img, heat in zip(images, cams.heatmaps)]
         captions = [f"{data.classes[t]} / {data.classes[p]} ({cams.probabilities[i, p]:.0%})"
+                    + ("" if evidence(cams.heatmaps[i]) else f", {NO_EVIDENCE}")
                     for i, (t, p) in enumerate(zip(true[idx], cams.predicted.tolist()))]
         yield "gradcam", plots.figure_gradcam_grid(overlays, captions, "Grad-CAM (true / predicted)")
 
