@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dlkit.engine.runtime import model_device
 from dlkit.errors import RunDirError
 
 
@@ -34,7 +35,7 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise RunDirError(f"weights file {path} is corrupt ({exc}); re-run the recipe") from None
-    device = next(model.parameters(), torch.empty(0)).device
+    device = model_device(model)
     missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
     missing = [m for m in missing if m not in _shared_aliases(model)]
     if missing or unexpected:

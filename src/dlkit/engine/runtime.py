@@ -27,6 +27,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto` is bf16 where the hardware runs it fast, else fp32; explicit bf16 must be supported."""
     fast = bf16_is_fast(device)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from dlkit.data.bundle import Task
 from dlkit.data.text import OOV, OOV_TOKEN, PAD_TOKEN, HubTokenizer, Tokenizer, WordTokenizer
-from dlkit.engine.runtime import eval_mode
+from dlkit.engine.runtime import eval_mode, model_device
 from dlkit.evaluate.metrics import probabilities
 
 MAX_TOKENS = 60  # tokens scored per text: a figure of more is unreadable
@@ -51,7 +51,7 @@ def token_names(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
 def occlusion_importance(model: nn.Module, ids: Tensor, task: Task, pad_id: int, occlude_with: int,
                          max_tokens: int = MAX_TOKENS) -> list[TokenScores]:
     """Importance of each of the first `max_tokens` non-padding tokens of each row of `ids` (N, L)."""
-    device = next(model.parameters(), torch.empty(0)).device
+    device = model_device(model)
     rows, spans = [], []
     for row in ids:
         positions = torch.nonzero(row != pad_id).flatten()[:max_tokens]

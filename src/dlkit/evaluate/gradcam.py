@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
+from dlkit.engine.runtime import model_device
 from dlkit.errors import InputError
 from dlkit.evaluate.metrics import probabilities
 from dlkit.files import write_atomic
@@ -41,7 +42,7 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
     if x.dim() != 4:
         raise InputError(f"Grad-CAM needs a batch of images shaped (N, C, H, W), got shape {tuple(x.shape)}")
     _check_fp32(model)
-    device = next(model.parameters(), torch.empty(0)).device
+    device = model_device(model)
     modes = {module: module.training for module in model.modules()}
     activations: list[Tensor] = []
     handle = layer.register_forward_hook(lambda _module, _inputs, output: _keep(output, activations))

@@ -17,7 +17,7 @@ from torch import nn
 from dlkit.data import DataBundle
 from dlkit.data.bundle import TensorSplit
 from dlkit.engine.loop import predict_split
-from dlkit.engine.runtime import eval_mode
+from dlkit.engine.runtime import eval_mode, model_device
 from dlkit.evaluate.metrics import classification_metrics, probabilities
 from dlkit.evaluate.stream import Evaluation, MetricStream
 
@@ -30,14 +30,10 @@ LATENCY_BUDGET_S = 2.0  # stop timing early past this, so a large model on a CPU
 class TestPredictions:
     """The test split's metrics, with each example's predicted class and that class's probability."""
 
+    __test__ = False  # a library class, not a pytest test class, whatever its name
     evaluation: Evaluation
     predicted: np.ndarray
     confidence: np.ndarray
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters are (the CPU for a model without any)."""
-    return next(model.parameters(), torch.empty(0)).device
 
 
 @torch.no_grad()

@@ -36,12 +36,8 @@ MAX_TEXTS = 4
 def evaluate_run_dir(run_dir: str | Path, model: nn.Module | None = None,
                      data: DataBundle | None = None) -> Evaluation | None:
     """Test-split metrics of a run, written to evaluation.json; None (nothing written) for regression."""
-    run, model, data = load_run(run_dir, model, data)
-    predictions = _predictions(run, model, data)
-    if predictions is None:
-        return None
-    write_json(run.path / "evaluation.json", predictions.evaluation.to_dict())
-    return predictions.evaluation
+    predictions = _evaluate(*load_run(run_dir, model, data))
+    return predictions.evaluation if predictions is not None else None
 
 
 def write_plots(run_dir: str | Path, model: nn.Module | None = None, data: DataBundle | None = None,
@@ -61,11 +57,7 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, data: Data
     A caller that has just tested the model passes its `predictions` (with the model and data)
     and the test split is not run again."""
     run, model, data = load_run(run_dir, model, data)
-    if predictions is None:
-        predictions = _predictions(run, model, data)
-    if predictions is not None:
-        write_json(run.path / "evaluation.json", predictions.evaluation.to_dict())
-    _write_plots(run, model, data, predictions)
+    _write_plots(run, model, data, _evaluate(run, model, data, predictions))
     return write_report(run.path)
 
 
@@ -74,6 +66,16 @@ def _predictions(run: RunDir, model: nn.Module, data: DataBundle) -> TestPredict
     if data.task == "regression":
         return None
     return predict_test(model, data, run.recipe().train.eval_batch_size)
+
+
+def _evaluate(run: RunDir, model: nn.Module, data: DataBundle,
+              predictions: TestPredictions | None = None) -> TestPredictions | None:
+    """The test predictions (those given, else made now), their metrics written to evaluation.json."""
+    if predictions is None:
+        predictions = _predictions(run, model, data)
+    if predictions is not None:
+        write_json(run.path / "evaluation.json", predictions.evaluation.to_dict())
+    return predictions
 
 
 def _write_plots(run: RunDir, model: nn.Module, data: DataBundle, predictions: TestPredictions | None) -> list[Path]:
