@@ -309,6 +309,26 @@ def test_offline_names_the_file_both_urls_and_the_folder(published, monkeypatch)
     assert "\n" not in msg and os.listdir(checkpoint_dir()) == []
 
 
+def test_a_server_that_never_answers_times_out_instead_of_hanging(published, monkeypatch):
+    hub, _, _ = published
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never sends a byte
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    monkeypatch.setenv("DLKIT_WEIGHTS_URL", url)
+    monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT_S", 0.5)
+    before = socket.getdefaulttimeout()
+    try:
+        with pytest.raises(DataError) as err:
+            imagenet_state("mobilenet_v2")
+    finally:
+        silent.close()
+    assert str(err.value).startswith(f"ImageNet weights for mobilenet_v2 are not on this machine and cannot be "
+                                      f"downloaded from {url}/{hub.file} (timed out): download {hub.url}")
+    assert socket.getdefaulttimeout() == before  # the process-wide default is restored
+    assert os.listdir(checkpoint_dir()) == []
+
+
 @pytest.mark.parametrize(
     "failure, reason",
     [

@@ -13,6 +13,7 @@ import inspect
 import os
 import pickle
 import re
+import socket
 import sys
 import urllib.error
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from dlkit.data.download import sha256_file
 from dlkit.errors import ConfigError, DataError
 
 _MIRROR_ENV = "DLKIT_WEIGHTS_URL"
+DOWNLOAD_TIMEOUT_S = 30.0  # a server that stops answering fails the download instead of hanging it
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _SAFETENSORS_SUFFIX = ".safetensors"
 _WRAPPERS = ("state_dict", "model")
@@ -108,7 +110,7 @@ def imagenet_state(model_name: str, *, progress: bool = False) -> dict[str, torc
     url = weights_url(hub)
     try:
         # torch.hub announces the download on stdout, which belongs to dlkit's results: send it to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _socket_timeout(DOWNLOAD_TIMEOUT_S):
             obj = torch.hub.load_state_dict_from_url(
                 url, model_dir=str(folder), map_location="cpu", progress=progress, check_hash=True,
                 file_name=hub.file, weights_only=True,
@@ -119,6 +121,17 @@ def imagenet_state(model_name: str, *, progress: bool = False) -> dict[str, torc
             raise
         raise error from None
     return _as_state(obj, path)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """Sockets opened inside time out after `seconds` of silence: torch.hub's urlopen sets no timeout."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
 
 
 def _check_cached(path: Path, hub: HubFile) -> None:
