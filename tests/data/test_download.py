@@ -231,6 +231,21 @@ def test_a_good_tar_and_zip_extract_into_place(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz", "a.zip", "out", "zout"]
 
 
+def test_keep_skips_members_but_an_unsafe_skipped_member_still_refuses_the_archive(tmp_path):
+    members = [_info("top/a.txt"), _info("top/skip", tarfile.DIRTYPE), _info("top/skip/b.txt")]
+    archive = _tar(tmp_path / "a.tar.gz", members)
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        for name in ("top/a.txt", "top/skip/b.txt"):
+            zf.writestr(name, "hello")
+    for path in (archive, tmp_path / "a.zip"):
+        out = safe_extract(path, tmp_path / f"out-{path.suffix}", keep=lambda name: not name.startswith("top/skip"))
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["top", "top/a.txt"]
+    evil = _tar(tmp_path / "evil.tar.gz", [_info("top/a.txt"), _info("top/skip/../../../evil")])
+    with pytest.raises(DataError, match="refused member 'top/skip/../../../evil'"):
+        safe_extract(evil, tmp_path / "never", keep=lambda name: not name.startswith("top/skip"))
+    assert not (tmp_path / "never").exists() and not (tmp_path.parent / "evil").exists()
+
+
 @pytest.mark.parametrize("bad, why", [
     (_info("../evil"), "its path leaves the folder"),
     (_info("ok/../../evil"), "its path leaves the folder"),

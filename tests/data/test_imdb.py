@@ -127,7 +127,11 @@ def test_the_official_archive_in_data_dir_is_read_in_order_without_unsup(officia
     assert read_imdb(DataCfg(name="imdb", data_dir=str(data_dir))) == EXPECTED
     digest = imdb.ARCHIVE.sha256
     assert _unpacked_folders() == [f"aclImdb-{digest[:12]}"]
-    assert (cache_dir("imdb") / f"aclImdb-{digest[:12]}" / "aclImdb" / "train" / "unsup" / "1_0.txt").is_file()
+    unpacked_root = cache_dir("imdb") / f"aclImdb-{digest[:12]}" / "aclImdb"
+    # the 50,000 unlabelled reviews are never read, so they are not unpacked either; the rest is as shipped
+    assert sorted(p.name for p in (unpacked_root / "train").iterdir()) == [
+        "labeledBow.feat", "neg", "pos", "urls_neg.txt", "urls_pos.txt", "urls_unsup.txt"]
+    assert (unpacked_root / "README").is_file() and (unpacked_root / "imdb.vocab").is_file()
 
 
 def test_the_cached_archive_is_unpacked_once_and_reused(official, monkeypatch, never_download):
@@ -146,9 +150,9 @@ def test_the_cached_archive_is_unpacked_once_and_reused(official, monkeypatch, n
 def test_an_extraction_another_process_finished_first_is_used(official, monkeypatch):
     real_extract = imdb.safe_extract
 
-    def lose_the_race(archive, dest):
-        real_extract(archive, dest)  # the other process (a torchrun rank) renames its copy into place first
-        real_extract(archive, dest)
+    def lose_the_race(archive, dest, keep=None):
+        real_extract(archive, dest, keep)  # the other process (a torchrun rank) renames its copy into place first
+        real_extract(archive, dest, keep)
 
     monkeypatch.setattr(imdb, "safe_extract", lose_the_race)
     assert read_imdb(DataCfg(name="imdb", data_dir=str(official))) == EXPECTED

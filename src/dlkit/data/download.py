@@ -174,11 +174,12 @@ def _offline_message(dataset: str, missing: Sequence[RemoteFile], cache: Path, e
     )
 
 
-def safe_extract(archive: Path, dest: Path) -> Path:
+def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] | None = None) -> Path:
     """Unpack a .tar(.gz) or .zip into `dest` (which must not exist), refusing any unsafe member.
 
     Members are checked before anything is written and land in a temporary folder beside `dest`,
     renamed into place only when all of them were written: a refusal or a failure leaves nothing.
+    `keep(name)` false skips writing a member (it is still checked: the archive is refused as a whole).
     """
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
@@ -188,9 +189,9 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise become dest's mode
     try:
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, tmp)
+            _extract_zip(archive, tmp, keep)
         else:
-            _extract_tar(archive, tmp)
+            _extract_tar(archive, tmp, keep)
         os.replace(tmp, dest)
     except DataError as exc:  # an unsafe member: refuse the archive as a whole
         raise DataError(f"{exc}; nothing was unpacked: the archive is not safe, delete it and get the official one") from None
@@ -202,17 +203,18 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def _extract_tar(archive: Path, root: Path) -> None:
+def _extract_tar(archive: Path, root: Path, keep: Callable[[str], bool] | None) -> None:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
         for m in members:
             if not (m.isfile() or m.isdir()):
                 raise DataError(f"refused member '{m.name}' of {archive.name}: {_tar_kind(m)}, not a file")
             _member_path(root, m.name, archive)
-        _write_members(root, archive, [(m.name, m.isdir(), lambda m=m: tar.extractfile(m)) for m in members])
+        _write_members(root, archive, [(m.name, m.isdir(), lambda m=m: tar.extractfile(m)) for m in members
+                                       if keep is None or keep(m.name)])
 
 
-def _extract_zip(archive: Path, root: Path) -> None:
+def _extract_zip(archive: Path, root: Path, keep: Callable[[str], bool] | None) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         for info in infos:
@@ -222,7 +224,8 @@ def _extract_zip(archive: Path, root: Path) -> None:
                 kind = "a symlink" if kind_bits == stat.S_IFLNK else "a special file"
                 raise DataError(f"refused member '{info.filename}' of {archive.name}: {kind}, not a file")
             _member_path(root, info.filename, archive)
-        _write_members(root, archive, [(i.filename, i.is_dir(), lambda i=i: zf.open(i)) for i in infos])
+        _write_members(root, archive, [(i.filename, i.is_dir(), lambda i=i: zf.open(i)) for i in infos
+                                       if keep is None or keep(i.filename)])
 
 
 def _write_members(root: Path, archive: Path, members: list[tuple[str, bool, Callable[[], Any]]]) -> None:

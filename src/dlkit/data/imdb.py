@@ -16,6 +16,7 @@ from dlkit.errors import DataError
 FOLDER = "aclImdb"
 SPLITS = ("train", "test")
 LABELS = ("neg", "pos")  # train/unsup (50,000 unlabelled reviews) is not read
+UNREAD = "aclImdb/train/unsup"  # ... nor unpacked: the unsup/ folder and unsupBow.feat (a third of the archive)
 
 # sha256 and size as TensorFlow Datasets records them (url_checksums/imdb_reviews.txt)
 ARCHIVE = RemoteFile(
@@ -78,7 +79,7 @@ def unpacked(archive: Path, digest: str) -> Path:
     if dest.is_dir():
         return dest  # safe_extract renames into place only after every member was written
     try:
-        safe_extract(archive, dest)
+        safe_extract(archive, dest, keep=lambda name: not name.lstrip("./").startswith(UNREAD))
     except DataError as exc:
         if not dest.is_dir():  # another process (a torchrun rank) may have unpacked it first
             raise DataError(f"imdb: {exc}") from None
