@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/resnet_speed.py
 	$(BIN)/python benchmarks/feature_cache.py
 	$(BIN)/python benchmarks/lstm_speed.py
+	$(BIN)/python benchmarks/metric_stream.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
