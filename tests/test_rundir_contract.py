@@ -15,6 +15,7 @@ import dlkit
 import dlkit.runner as runner
 from dlkit.config import parse_recipe
 from dlkit.data import load_data
+from dlkit.engine.checkpoint import read_meta
 from dlkit.engine.loop import predict_split
 from dlkit.errors import ConfigError, DlkitError, RegistryError
 from dlkit.evaluate.metrics import probabilities
@@ -91,11 +92,13 @@ def test_run_returns_the_run_dir_summary_and_history(cnn):
 
 def test_run_dir_holds_exactly_the_contract_files(cnn):
     top = sorted(p.name for p in cnn.path.iterdir())
-    assert top == ["bundle.json", "checkpoints", "metrics.jsonl", "model.safetensors", "recipe.yaml", "summary.json"]
+    assert top == ["bundle.json", "checkpoints", "metrics.jsonl", "model.safetensors", "recipe.yaml", "status.json",
+                   "summary.json"]
+    assert json.loads((cnn.path / "status.json").read_text())["state"] == "finished"
     ck = sorted(p.name for p in (cnn.path / "checkpoints").iterdir())
-    assert ck == ["best.json", "best.safetensors", "last.json", "last.safetensors"]
-    last = json.loads((cnn.path / "checkpoints" / "last.json").read_text())
-    best = json.loads((cnn.path / "checkpoints" / "best.json").read_text())
+    assert ck == ["best.safetensors", "last.safetensors"]  # each holds its metadata: one atomic unit
+    last = read_meta(cnn.path / "checkpoints" / "last.safetensors")
+    best = read_meta(cnn.path / "checkpoints" / "best.safetensors")
     assert last["epoch"] == best["epoch"] == 1
     assert best["monitor"] == "val_accuracy"  # digits-cnn's checkpoint.monitor
 

@@ -11,7 +11,7 @@ from dlkit.errors import ConfigError, did_you_mean
 from dlkit.models import MODELS, model_args
 from dlkit.models.summary import ModelSummary, summarize
 from dlkit.recipes import load_recipe, recipe_registry, recipe_source
-from dlkit.runner import build_model
+from dlkit.models import build_model
 
 KINDS = ("recipes", "models", "datasets")
 
@@ -64,5 +64,5 @@ def describe_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
     model = build_model(recipe, shape.num_outputs, shape.input_shape)
     first = resolve_stages(recipe.train)[0]
     set_trainable(model, first.freeze, first.unfreeze, "train.stages.0" if recipe.train.stages else "train")  # trainable counts as the first stage trains
-    summary = summarize(model, shape.input_shape, dtype=getattr(model, "input_dtype", None))
+    summary = summarize(model, shape.input_shape, dtype=model.input_dtype)
     return RecipeDescription(recipe.name, recipe.model.name, shape.input_shape, shape.num_outputs, summary)

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from typer.exceptions import Abort, TyperException
 
-from dlkit.errors import DlkitError
+from dlkit.errors import DlkitError, RunInterrupted, Terminated
+from dlkit.rundir import error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Classic deep-learning experiments as reproducible recipes.")
@@ -171,9 +174,24 @@ def result_line(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Entry point: run the app. A user's mistake is one `error:` line and exit code 2; Ctrl-C is one
+    `interrupted:` line saying what was kept and exit 130 (SIGTERM: 143)."""
+    if threading.current_thread() is not threading.main_thread():
+        _main(argv)
+        return
+    before = signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(args=argv, standalone_mode=False)
+        _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv: list[str] | None) -> None:
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except RunInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except DlkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -184,6 +202,24 @@ def main(argv: list[str] | None = None) -> None:
         command = ctx.command_path if ctx is not None else "dlkit"
         print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
         sys.exit(2)
-    except (Abort, KeyboardInterrupt):
+    except OSError as exc:  # the file system refused (full disk, read-only place, a file where a folder goes)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except (Abort, KeyboardInterrupt) as exc:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
+    if code == 130:  # typer turns a KeyboardInterrupt outside a run into this return value
+        print("interrupted", file=sys.stderr)
+        sys.exit(143 if _TERMINATED else 130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+_TERMINATED = False
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM stops dlkit as Ctrl-C does (the run is marked interrupted), with exit code 143."""
+    global _TERMINATED
+    _TERMINATED = True
+    raise Terminated()

@@ -33,6 +33,19 @@ class TrainingError(DlkitError):
     """Training cannot go on (a non-finite loss, for instance)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that both stop a run the same way (exit 143, not 130)."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C or SIGTERM; the message says what was kept. Not a user mistake: the
+    CLI prints it as `interrupted: ...` and exits 130 (143 for SIGTERM)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.exit_code = 143 if isinstance(cause, Terminated) else 130
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return " (did you mean 'x'?)" for the closest choice, or "" when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

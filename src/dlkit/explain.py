@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dlkit.data.inputs import read_image
 from dlkit.data.preprocess import ImagePrep, prep_from_dict
 from dlkit.errors import InputError
+from dlkit.files import check_output_file
 from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, save_overlay
 from dlkit.predict import Predictor
 
@@ -19,6 +20,8 @@ DISPLAY = 224  # smallest side of the picture written, in pixels
 def explain_image(run_dir: str | Path, source: str, out: str | Path | None = None) -> dict[str, Any]:
     """Grad-CAM of the predicted class over the image, saved as a PNG (default: beside the image,
     `<name>.gradcam.png`); returns the label, its confidence and where the picture went."""
+    path = Path(out) if out is not None else Path(source).with_name(f"{Path(source).stem}.gradcam.png")
+    check_output_file(path, "-o")
     predictor = Predictor.from_run(run_dir)
     spec = prep_from_dict(predictor.bundle["preprocessing"])
     if not isinstance(spec, ImagePrep):
@@ -28,7 +31,6 @@ def explain_image(run_dir: str | Path, source: str, out: str | Path | None = Non
     cam = gradcam(predictor.model, spec.normalise(shown))
     best = int(cam.predicted[0])
     label, confidence = predictor.classes[best], float(cam.probabilities[0, best])
-    path = Path(out) if out is not None else Path(source).with_name(f"{Path(source).stem}.gradcam.png")
     image, heat = shown, cam.heatmaps[None]
     scale = math.ceil(DISPLAY / max(image.shape[-2:]))
     if scale > 1:  # a 28x28 digit is enlarged so the picture can be read

@@ -9,10 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from dlkit.data.preprocess import prep_from_dict, read_input
-from dlkit.engine.checkpoint import load_weights
+from dlkit.engine.checkpoint import load_run_model
 from dlkit.engine.loop import predict_outputs
 from dlkit.evaluate.metrics import probabilities
-from dlkit.models import build
 from dlkit.rundir import RunDir
 
 
@@ -25,15 +24,10 @@ class Predictor:
 
     @classmethod
     def from_run(cls, path: str | Path) -> Predictor:
-        """Load a finished run's bundle and weights (safetensors) onto the CPU."""
+        """Load a finished run's bundle and weights (safetensors, sha256-checked) onto the CPU."""
         run = RunDir.open(path)
-        bundle = run.bundle()
-        spec = bundle["model"]
-        args = dict(spec["args"])
-        args["input_shape"] = tuple(args["input_shape"])
-        model = build(spec["name"], head=spec.get("head"), **args)
-        load_weights(model, run.weights)
-        return cls(model.eval(), bundle)
+        model = load_run_model(run)
+        return cls(model, run.bundle())
 
     @property
     def classes(self) -> list[str]:

@@ -9,7 +9,6 @@ test accuracies are reported side by side.
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from pathlib import Path
 
@@ -21,20 +20,28 @@ from torch import nn
 from dlkit.config import Recipe
 from dlkit.data import DataBundle, load_data
 from dlkit.data.bundle import TensorSplit
-from dlkit.engine.checkpoint import save_weights, write_json
 from dlkit.engine.loop import History, predict_split
-from dlkit.errors import ConfigError
+from dlkit.engine.outcome import RunResult, complete_run, guarded
+from dlkit.errors import ConfigError, RunInterrupted
 from dlkit.evaluate.metrics import classification_metrics
 from dlkit.evaluate.predictions import evaluation_notes, measure_test
-from dlkit.models import MODELS, build
-from dlkit.runner import RunResult, build_model, bundle_meta, summarize_run, write_recipe, write_run_report
-from dlkit.rundir import new_run_dir
+from dlkit.models import MODELS, build, build_model
+from dlkit.rundir import RunDir
 from dlkit.scratch import linreg, mlp
 
 
 def execute_numpy(recipe: Recipe, *, out: str | Path | None = None, runs_root: str | Path = "runs",
                   report: bool = True) -> RunResult:
-    """Train a recipe's mlp with dlkit.scratch (a single neuron for regression without hidden layers)."""
+    """Train a recipe's mlp with dlkit.scratch (a single neuron for regression without hidden layers).
+    Training and testing take seconds and happen before the run directory exists: Ctrl-C meanwhile
+    leaves nothing behind."""
+    try:
+        return _execute_numpy(recipe, out, runs_root, report)
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted("stopped before the NumPy run was saved; nothing was written", exc) from None
+
+
+def _execute_numpy(recipe: Recipe, out: str | Path | None, runs_root: str | Path, report: bool) -> RunResult:
     cfg = recipe.train
     if recipe.model.name != "mlp" or cfg.optimizer.name != "sgd" or cfg.stages or cfg.freeze != "none":
         raise ConfigError("train.engine=numpy trains model.name=mlp with train.optimizer.name=sgd (momentum "
@@ -60,18 +67,15 @@ def execute_numpy(recipe: Recipe, *, out: str | Path | None = None, runs_root: s
     test |= extra
     history.notes += evaluation_notes(predictions, data.classes)
 
-    run_dir = new_run_dir(recipe.name, out, runs_root)
-    write_recipe(run_dir, recipe)
-    (run_dir / "checkpoints").mkdir()
-    with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(e) + "\n" for e in epochs)
-    save_weights(model, run_dir / "model.safetensors")
-    write_json(run_dir / "bundle.json", bundle_meta(recipe, data, model))
-    summary = summarize_run(recipe, data, model, history, test, torch.device("cpu"), "fp64 (numpy)")
-    write_json(run_dir / "summary.json", summary)
+    run = RunDir.create(recipe, out, runs_root)
+    with guarded(run, len(epochs)):
+        run.write_epochs(epochs)
+        summary = complete_run(run, recipe, data, model, history, test, torch.device("cpu"), "fp64 (numpy)")
     if report:
-        write_run_report(run_dir, model, data, predictions)
-    return RunResult(run_dir, summary, epochs)
+        from dlkit.evaluate.report import report_after_run  # matplotlib loads only when a report is written
+
+        report_after_run(run.path, model, data, predictions)
+    return RunResult(run.path, summary, epochs)
 
 
 def _arrays(split: TensorSplit) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from dlkit.config import OptimizerCfg, TrainCfg
 from dlkit.engine import Callback, Checkpoint, EarlyStopping, FitState, GradClip, MetricsLog, fit
-from dlkit.engine.checkpoint import load_weights
+from dlkit.engine.checkpoint import load_weights, read_meta
 from dlkit.engine.optim import metric_mode
 from dlkit.engine.runtime import seed_everything
 from dlkit.models import build
@@ -89,7 +89,7 @@ def test_early_stopping_in_fit_restores_the_weights_of_the_best_checkpoint(make_
                                "freeze": "none", "trainable_params": 4810, "frozen_params": 0,
                                "cached_features": False, "cache_seconds": 0.0}]
     assert history.notes[-1] == f"restored the weights of epoch {best}"
-    assert json.loads((tmp_path / "ck" / "best.json").read_text())["epoch"] == best
+    assert read_meta(tmp_path / "ck" / "best.safetensors")["epoch"] == best
     saved = load_weights(build("mlp", num_classes=10, input_shape=(1, 8, 8), hidden=[64]),
                          tmp_path / "ck" / "best.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))

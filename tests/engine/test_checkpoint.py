@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dlkit.engine import Checkpoint, FitState
-from dlkit.engine.checkpoint import load_weights, save_weights
+from dlkit.engine.checkpoint import load_weights, read_meta, save_weights
 from dlkit.errors import RunDirError
 from dlkit.models import build
 
@@ -26,8 +26,8 @@ def test_save_then_load_gives_identical_tensors_and_outputs(tmp_path):
     model(torch.randn(4, 1, 12, 12))  # move the batch-norm running stats off their defaults
     path = tmp_path / "w" / "model.safetensors"
     save_weights(model, path, {"epoch": 3})
-    assert json.loads(path.with_suffix(".json").read_text()) == {"epoch": 3}
-    assert not list(path.parent.glob("*.tmp"))
+    assert read_meta(path) == {"epoch": 3}  # in the weights file itself: no second file to disagree
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.safetensors"]  # no temporary left
 
     fresh = make_cnn(1)
     assert not torch.equal(fresh.head[1].weight, model.head[1].weight)
@@ -53,7 +53,7 @@ def test_the_file_is_plain_safetensors(tmp_path):
     assert not raw.startswith((b"\x80", b"PK"))  # neither a pickle nor torch.save's zip
     state = load_file(str(path))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert not path.with_suffix(".json").exists()  # no meta given, no JSON written
+    assert read_meta(path) is None  # no meta given, none in the header
 
 
 def test_tied_weights_are_saved_once_and_reload(tmp_path):
@@ -118,21 +118,20 @@ def test_checkpoint_writes_last_every_epoch_and_best_only_on_improvement(tmp_pat
         with torch.no_grad():
             state.model.weight.fill_(state.epoch)
         callback.on_epoch_end(state, {"val_accuracy": accuracy, "val_loss": 1.0})
-        last_epochs.append(json.loads((directory / "last.json").read_text())["epoch"])
-        best_epochs.append(json.loads((directory / "best.json").read_text())["epoch"])
+        last_epochs.append(read_meta(directory / "last.safetensors")["epoch"])
+        best_epochs.append(read_meta(directory / "best.safetensors")["epoch"])
     assert last_epochs == [1, 2, 3, 4, 5, 6]
     assert best_epochs == [1, 2, 2, 2, 5, 5]  # a tie (0.7 at epoch 4) is not an improvement
-    best = json.loads((directory / "best.json").read_text())
+    best = read_meta(directory / "best.safetensors")
     assert best == {"epoch": 5, "stage": 0, "metrics": {"val_accuracy": 0.8, "val_loss": 1.0}, "monitor": "val_accuracy"}
     assert torch.equal(load_file(str(directory / "best.safetensors"))["weight"], torch.full((1, 2), 5.0))
     assert torch.equal(load_file(str(directory / "last.safetensors"))["weight"], torch.full((1, 2), 6.0))
-    assert sorted(p.name for p in directory.iterdir()) == ["best.json", "best.safetensors", "last.json",
-                                                          "last.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == ["best.safetensors", "last.safetensors"]
 
 
 def test_checkpoint_best_and_last_can_be_switched_off(tmp_path):
     state = FitState(model=nn.Linear(2, 1), epoch=1)
     Checkpoint(tmp_path / "a", best=False).on_epoch_end(state, {"val_loss": 1.0})
     Checkpoint(tmp_path / "b", last=False).on_epoch_end(state, {"val_loss": 1.0})
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["last.json", "last.safetensors"]
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["best.json", "best.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["last.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["best.safetensors"]

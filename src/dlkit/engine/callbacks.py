@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 from dlkit.engine.checkpoint import save_weights
 from dlkit.engine.optim import metric_mode
+from dlkit.files import write_text
 
 
 @dataclass
@@ -120,11 +123,17 @@ class GradClip(Callback):
 
 
 class MetricsLog(Callback):
-    """Appends each epoch's metrics to a JSON-lines file as soon as the epoch ends."""
+    """Records the metrics of every epoch as soon as it ends: `sink(epochs so far)`, or given a path,
+    that JSON-lines file rewritten whole and atomically (a kill never leaves half a line)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, sink: Path | Callable[[list[dict[str, float]]], object]):
+        self.sink = sink if callable(sink) else partial(_write_lines, Path(sink))
+        self.epochs: list[dict[str, float]] = []
 
     def on_epoch_end(self, state: FitState, metrics: dict[str, float]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self.epochs.append(dict(metrics))
+        self.sink(list(self.epochs))
+
+
+def _write_lines(path: Path, rows: list[dict[str, float]]) -> None:
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from dlkit.data import DataBundle
 from dlkit.data.bundle import TensorSplit
 from dlkit.data.text import TextPrep
-from dlkit.engine.checkpoint import write_json
+from dlkit.errors import RunDirError, RunInterrupted
+from dlkit.files import write_json
 from dlkit.evaluate import plots
 from dlkit.evaluate.explain_text import MAX_TOKENS, mask_id, occlusion_importance, token_names
 from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, overlay
@@ -57,6 +58,7 @@ def build_report(run_dir: str | Path, model: nn.Module | None = None, data: Data
     A caller that has just tested the model passes its `predictions` (with the model and data)
     and the test split is not run again."""
     run, model, data = load_run(run_dir, model, data)
+    plots_folder(run)
     _write_plots(run, model, data, _evaluate(run, model, data, predictions))
     return write_report(run.path)
 
@@ -80,10 +82,18 @@ def _evaluate(run: RunDir, model: nn.Module, data: DataBundle,
 
 def _write_plots(run: RunDir, model: nn.Module, data: DataBundle, predictions: TestPredictions | None) -> list[Path]:
     """Save each figure that applies; the report's own PNGs from an earlier report are removed first."""
-    folder = run.path / "plots"
+    folder = plots_folder(run)
     for name in PLOT_CAPTIONS:
         (folder / f"{name}.png").unlink(missing_ok=True)
     return [plots.save(fig, folder / f"{name}.png") for name, fig in _figures(run, model, data, predictions)]
+
+
+def plots_folder(run: RunDir) -> Path:
+    """run/plots, refused in one line when something else (a file) has that name."""
+    folder = run.path / "plots"
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(f"{folder} is a file, not a folder; move it away: the report writes its plots there")
+    return folder
 
 
 def _figures(run: RunDir, model: nn.Module, data: DataBundle,
@@ -152,7 +162,7 @@ def _image_figures(model: nn.Module, data: DataBundle, predictions: TestPredicti
     if len(wrong):
         worst = wrong[np.argsort(-conf[wrong], kind="stable")[: plots.MAX_GRID]]
         yield "confident_mistakes", grid(worst, "Most confident mistakes")
-    if getattr(model, "cam_layer", None) is not None:
+    if model.cam_layer is not None:
         idx = np.arange(min(MAX_CAM_IMAGES, len(true)))
         x = _inputs(data.test, idx)
         cams = gradcam(model, x)
@@ -202,3 +212,13 @@ def _stacked(figures: list[Figure]) -> Figure:
     out = plots.new_figure(width / plots.DPI, len(stacked) / plots.DPI, layout=None)
     out.figimage(stacked, origin="upper")
     return out
+
+
+def report_after_run(run_dir: Path, model: nn.Module, data: DataBundle, predictions: TestPredictions | None) -> Path:
+    """The report of a run just finished, from the predictions its test pass made. The run is complete
+    before this starts: Ctrl-C here loses nothing, and says how to write the report again."""
+    try:
+        return build_report(run_dir, model, data, predictions)
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted(f"interrupted while writing the report; the run itself is finished in {run_dir} "
+                             f"(`dlkit report {run_dir}` writes the report)", exc) from None

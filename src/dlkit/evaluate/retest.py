@@ -7,9 +7,9 @@ from typing import Any
 from torch import nn
 
 from dlkit.data import DataBundle, load_data
+from dlkit.engine.checkpoint import load_run_model
 from dlkit.errors import RunDirError
 from dlkit.evaluate.predictions import measure_test
-from dlkit.predict import Predictor
 from dlkit.rundir import RunDir
 
 
@@ -19,7 +19,7 @@ def load_run(run_dir: str | Path, model: nn.Module | None = None,
     (the data must be the data it was trained on)."""
     run = RunDir.open(run_dir)
     if model is None:
-        model = Predictor.from_run(run.path).model
+        model = load_run_model(run)
     if data is None:
         recipe = run.recipe()
         data = load_data(recipe.data, recipe.seed)

@@ -9,14 +9,47 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from dlkit.errors import ConfigError, did_you_mean
+from dlkit.config import Recipe
+from dlkit.errors import ConfigError, DlkitError, RunDirError, did_you_mean
 from dlkit.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a registered model family can do before a model is built.
+
+    `hub_default`: a Hugging Face family. `model.weights` names a hub checkpoint or a folder whose
+    config, weights and tokenizer come with it (this checkpoint's tokenizer when no weights are given).
+    """
+
+    hub_default: str | None = None
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_model(name: str, family: Family | None = None) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a builder under `name` with what its family can do (a plain family by default)."""
+
+    def add(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS.add(name, builder)
+        FAMILIES[name] = family or Family()
+        return builder
+
+    return add
+
+
+def family(name: str) -> Family:
+    """The declared abilities of model `name` (an unknown name is a RegistryError)."""
+    MODELS.get(name)
+    return FAMILIES.get(name, Family())
 
 # builder arguments the runner fills in from the data, never from the recipe's model section
 DATA_ARGS = ("num_classes", "input_shape")
@@ -62,6 +95,34 @@ def model_args(name: str) -> list[str]:
     """The recipe-settable arguments of model `name` (its builder's, less the data-given ones)."""
     params = inspect.signature(MODELS.get(name)).parameters
     return [p for p in params if p not in DATA_ARGS]
+
+
+def build_model(recipe: Recipe, num_outputs: int, input_shape: tuple[int, ...],
+                data_args: dict[str, Any] | None = None) -> nn.Module:
+    """The recipe's model, shaped for the data, with its new head if the recipe gives one.
+
+    ImageNet-style weights are loaded afterwards (`load_pretrained`); a Hugging Face model loads
+    its config and weights here, since its architecture comes with them.
+    """
+    head = recipe.model.head.model_dump() if recipe.model.head is not None else None
+    hub = {"weights": recipe.model.weights} if family(recipe.model.name).hub_default else {}
+    return build(recipe.model.name, head=head, num_classes=num_outputs, input_shape=tuple(input_shape),
+                 **recipe.model.args(), **(data_args or {}), **hub)
+
+
+def build_from_bundle(bundle: dict[str, Any], origin: str = "bundle.json") -> nn.Module:
+    """The architecture a bundle describes, with fresh weights (a hand-edited spec that builds no
+    model is one error line naming `origin`)."""
+    spec = bundle["model"]
+    args = dict(spec["args"])
+    args["input_shape"] = tuple(args.get("input_shape") or bundle["input_shape"])
+    try:
+        return build(spec["name"], head=spec.get("head"), **args)
+    except DlkitError as exc:
+        raise RunDirError(f"{origin}: {exc}") from None
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as exc:
+        raise RunDirError(f"{origin}: model '{spec['name']}' cannot be built from its arguments "
+                          f"({' '.join(str(exc).split())}); it was edited or is corrupt, re-run the recipe") from None
 
 
 from dlkit.models import alexnet, cnn, distilbert, lenet, lstm, mlp, mobilenetv2, resnet, vgg  # noqa: E402,F401  (registers the families)

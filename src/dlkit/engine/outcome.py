@@ -1,0 +1,166 @@
+"""What a finished run records, the same for both engines: the bundle (how to rebuild the model and
+prepare its inputs), the summary (test metrics, cost, environment, the claim beside ours), and
+`complete_run`, which hands them with the weights to the run directory."""
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import sklearn
+import torch
+from torch import nn
+
+import dlkit
+from dlkit.config import Recipe
+from dlkit.data import DataBundle
+from dlkit.engine.checkpoint import read_meta, save_weights
+from dlkit.engine.loop import History
+from dlkit.engine.optim import metric_mode
+from dlkit.engine.progress import PlainProgress
+from dlkit.errors import RunInterrupted, TrainingError
+from dlkit.models.surface import DlkitModel
+from dlkit.rundir import RunDir, error_line
+
+LEARNED_VALUES = ("weight", "bias")  # claims of a value to learn (S2.1's 1.8 and 32), neither min nor max
+
+
+@dataclass
+class RunResult:
+    """What `run` returns: where the run is, its summary and its per-epoch history."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+@contextmanager
+def guarded(run: RunDir, total_epochs: int, progress: PlainProgress | None = None) -> Iterator[None]:
+    """Mark `run` interrupted (Ctrl-C, SIGTERM) or failed (any error) when the block does not finish;
+    the progress display is closed (the terminal's cursor restored) either way."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if progress is not None:
+            progress.close()
+        message = _interrupted_message(run, total_epochs)
+        run.mark("interrupted", message)
+        raise RunInterrupted(f"{message}; the run is in {run.path}", exc) from None
+    except BaseException as exc:
+        if progress is not None:
+            progress.close()
+        if isinstance(exc, TrainingError):
+            last = run.checkpoints / "last.safetensors"
+            kept = f"; the last good weights are in {last}" if last.is_file() else ""
+            exc = TrainingError(f"{exc}{kept}")
+        run.mark("failed", error_line(exc))
+        if isinstance(exc, TrainingError):
+            raise exc from None
+        raise
+
+
+def _interrupted_message(run: RunDir, total_epochs: int) -> str:
+    """`stopped after epoch 3 of 10; kept checkpoints/last.safetensors (epoch 3)`, from what is on disk."""
+    last = run.checkpoints / "last.safetensors"
+    done = len(run.history())
+    message = f"stopped after epoch {done} of {total_epochs}"
+    if last.is_file():
+        meta = read_meta(last) or {}
+        return f"{message}; kept checkpoints/last.safetensors (epoch {meta.get('epoch', '?')})"
+    return f"{message}; no checkpoint was written yet"
+
+
+def complete_run(run: RunDir, recipe: Recipe, data: DataBundle, model: nn.Module, history: History,
+                 test: dict[str, float], device: torch.device, precision: str,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the final weights, bundle and summary and mark the run finished; returns the summary."""
+    summary = summarize_run(recipe, data, model, history, test, device, precision)
+    run.finish(lambda path: save_weights(model, path), bundle_meta(recipe, data, model, extra), summary)
+    return summary
+
+
+def bundle_meta(recipe: Recipe, data: DataBundle, model: DlkitModel,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to rebuild the model and prepare its inputs, without the training code.
+
+    `extra`: builder arguments the data decided; a model's own `bundle_args` (a Hugging Face
+    config) rebuild its architecture offline.
+    """
+    own = model.bundle_args()
+    return {
+        "recipe": recipe.name,
+        "model": {"name": recipe.model.name, "args": recipe.model.args() | (extra or {}) | own | {
+            "num_classes": data.num_outputs, "input_shape": list(data.input_shape)},
+            "head": recipe.model.head.model_dump() if recipe.model.head is not None else None,
+            "weights": recipe.model.weights},
+        "task": data.task,
+        "classes": data.classes,
+        "input_kind": data.input_kind,
+        "input_shape": list(data.input_shape),
+        "input_dtype": str(model.input_dtype).removeprefix("torch."),
+        "preprocessing": data.preprocessing,
+        "data_fingerprint": data.fingerprint(),
+        "versions": library_versions(),
+    }
+
+
+def summarize_run(recipe: Recipe, data: DataBundle, model: nn.Module, history: History,
+                  test: dict[str, float], device: torch.device, precision: str) -> dict[str, Any]:
+    """summary.json: test metrics, sizes, cost, environment and the seed's claim beside ours."""
+    n_classes = len(data.classes) if data.task != "regression" else 0
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    return {
+        "recipe": recipe.name,
+        **test,
+        "n_train": len(data.train),
+        "n_val": len(data.val) if data.val is not None else 0,
+        "n_test": len(data.test),
+        "class_counts": {k: s.class_counts(n_classes) for k, s in splits.items() if s is not None and n_classes},
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_seconds": round(history.train_seconds, 3),
+        "epochs_run": len(history.epochs),
+        "stages": history.stages,
+        "device": device.type,
+        "precision": precision,
+        "seed": recipe.seed,
+        "data_source": data.meta.get("source"),
+        "expect": expect_vs_achieved(recipe, test),
+        "notes": history.notes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dlkit_version": dlkit.__version__,
+    }
+
+
+def expect_vs_achieved(recipe: Recipe, achieved: dict[str, float]) -> dict[str, Any]:
+    """Each claimed metric beside ours; 'met' when ours is at most one point worse (a learned value
+    such as a weight: within 1% of the claim)."""
+    rows = []
+    for metric, claimed in recipe.expect.claims.items():
+        ours = achieved.get(metric)
+        row: dict[str, Any] = {"metric": metric, "claimed": claimed, "achieved": ours}
+        if ours is not None:
+            delta = ours - claimed
+            row["delta"] = round(delta, 6)
+            if metric in LEARNED_VALUES:
+                row["status"] = "met" if abs(delta) <= 0.01 * max(1.0, abs(claimed)) else "off"
+            else:
+                worse = -delta if metric_mode(metric) == "max" else delta
+                row["status"] = "met" if worse <= 0.01 else "below"
+        else:
+            row["status"] = "not measured"
+        rows.append(row)
+    return {"source": recipe.expect.source, "note": recipe.expect.note, "claims": rows}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that matter for reloading a bundle."""
+    return {"dlkit": dlkit.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "safetensors": safetensors.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
