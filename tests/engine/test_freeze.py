@@ -8,8 +8,8 @@ import torch
 from dlkit.config import OptimizerCfg, StageCfg, TrainCfg, UnfreezeCfg, parse_recipe
 from dlkit.data.bundle import DataBundle, TensorSplit
 from dlkit.engine import Callback, FitState, fit
-from dlkit.engine import loop
-from dlkit.engine.loop import build_cache
+from dlkit.engine import feature_cache
+from dlkit.engine.feature_cache import build_cache
 from dlkit.engine.freeze import base_blocks, keras_layers, param_groups, set_trainable, train_mode
 from dlkit.engine.runtime import seed_everything
 from dlkit.errors import ConfigError
@@ -156,7 +156,7 @@ def test_augmentation_turns_the_cache_off_and_says_why():
 
 def test_features_are_cached_once_and_recomputed_only_after_the_base_changed(monkeypatch):
     calls = []
-    monkeypatch.setattr(loop, "build_cache", lambda *a, **k: calls.append(1) or build_cache(*a, **k))
+    monkeypatch.setattr(feature_cache, "build_cache", lambda *a, **k: calls.append(1) or build_cache(*a, **k))
     model, data = mobilenet(), image_bundle()
     frozen = StageCfg(epochs=1, freeze="base")
     cfg = TrainCfg(batch_size=16, stages=[frozen, frozen, StageCfg(epochs=1, freeze="none"), frozen])

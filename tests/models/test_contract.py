@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from dlkit.errors import ConfigError, RegistryError
-from dlkit.models import MODELS, build
+from dlkit.models import MODELS, build, family
+from dlkit.models.surface import DlkitModel, ModelSurface
 
 
 @dataclass
@@ -111,7 +112,7 @@ CONTRACT = [
 
 def dummy_batch(model: nn.Module, input_shape: tuple[int, ...], n: int = 4) -> torch.Tensor:
     """Random floats, or non-pad token ids (1..4) for models that read ids."""
-    dtype = getattr(model, "input_dtype", torch.float32)
+    dtype = model.input_dtype
     if dtype.is_floating_point:
         return torch.randn(n, *input_shape, dtype=dtype)
     return torch.randint(1, 5, (n, *input_shape), dtype=dtype)
@@ -135,6 +136,11 @@ def test_model_contract(name: str, case: Case) -> None:
     if case.params is not None:
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == case.params
 
+    # the surface is declared (a Protocol every model meets), never probed
+    assert isinstance(model, DlkitModel) and isinstance(model, ModelSurface)
+    assert isinstance(model.bundle_args(), dict)
+    assert model.load_report is None and model.label_names is None  # nothing pretrained was loaded
+    assert (model.pad_id is not None) == (model.input_dtype == torch.long and family(name).hub_default is not None)
     assert isinstance(model.features, nn.Module) and isinstance(model.head, nn.Module)
     assert model.blocks and model.blocks[-1] is model.head
     assert sum(p.numel() for b in model.blocks for p in b.parameters()) == sum(p.numel() for p in model.parameters())

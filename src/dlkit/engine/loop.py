@@ -13,15 +13,16 @@ from torch import Tensor, nn
 
 from dlkit.config import StageCfg, TrainCfg
 from dlkit.data.bundle import DataBundle, Task, TensorSplit
+from dlkit.data.transforms import Augment
 from dlkit.engine.callbacks import Callback, FitState
-from dlkit.engine.freeze import frozen_prefix, param_groups, run_prefix, set_trainable, train_mode
+from dlkit.engine.feature_cache import FeatureCache, stage_cache
+from dlkit.engine.freeze import param_groups, set_trainable, train_mode
 from dlkit.engine.optim import Schedule, build_optimizer
 from dlkit.engine.progress import PlainProgress, QuietProgress
 from dlkit.engine.runtime import autocast, eval_mode
 from dlkit.errors import TrainingError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-Augment = Callable[[Tensor, torch.Generator], Tensor]  # a training batch in, an augmented batch out
 
 
 @dataclass
@@ -157,40 +158,6 @@ def resolve_stages(cfg: TrainCfg) -> list[StageCfg]:
     ]
 
 
-CACHE_LIMIT = 4 << 30  # bytes of cached features kept on the device at most
-
-
-@dataclass
-class FeatureCache:
-    """A frozen prefix's outputs for the train and validation splits, computed once."""
-
-    prefix: list[nn.Module]
-    train: TensorSplit
-    val: TensorSplit | None
-    seconds: float
-    rest: nn.Module | None = None  # the part of the model that trains on the cached features
-
-
-def build_cache(prefix: list[nn.Module], train: TensorSplit, val: TensorSplit | None, *, device: torch.device,
-                precision: str, batch_size: int) -> FeatureCache | str:
-    """Run the frozen prefix once over train and val; the reason instead when it would not fit in memory."""
-    tick = time.perf_counter()
-    with autocast(device, precision):
-        probe = run_prefix(prefix, next(train.batches(1))[0])
-    need = probe[0].numel() * probe.element_size() * (len(train) + (len(val) if val is not None else 0))
-    if need > CACHE_LIMIT:
-        return f"the features would take {need / 2**30:.1f} GiB (more than {CACHE_LIMIT / 2**30:.0f} GiB)"
-
-    def cached(split: TensorSplit) -> TensorSplit:
-        parts = []
-        for xb, _ in split.batches(batch_size):
-            with autocast(device, precision):
-                parts.append(run_prefix(prefix, xb))
-        return TensorSplit(torch.cat(parts), split.y)
-
-    return FeatureCache(prefix, cached(train), cached(val) if val is not None else None, time.perf_counter() - tick)
-
-
 def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.device, precision: str,
         generator: torch.Generator, callbacks: Sequence[Callback] = (),
         progress: PlainProgress | None = None, augment: Augment | None = None) -> History:
@@ -198,96 +165,112 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
 
     Each stage sets what trains (`freeze`, `unfreeze`) and builds its own optimizer over the trainable
     parameters only. A stage whose base is frozen trains the head on the base's features computed
-    once (`cache_features: auto`), unless augmentation changes the base's input every epoch.
-    `augment`, when given, transforms each training batch (drawing from `generator`) before the
-    forward pass; validation and test data are never augmented.
+    once (`cache_features: auto`, engine.feature_cache), unless augmentation changes the base's input
+    every epoch. `augment`, when given, transforms each training batch (drawing from `generator`)
+    before the forward pass; validation and test data are never augmented.
     """
     progress = progress or QuietProgress()
     model.to(device)
-    loss_fn = loss_for(data.task, cfg.loss)
-    history = History()
-    state = FitState(model=model)
     channels_last = cfg.channels_last and is_conv_on_images(model, data.train.x)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     train = on_device(data.train, device, channels_last)
     val = on_device(data.val, device, channels_last) if data.val is not None and len(data.val) else None
-    steps = math.ceil(len(train) / cfg.batch_size)
-    stages = resolve_stages(cfg)
-    total_epochs = sum(s.epochs for s in stages)
-    after_backward = [cb for cb in callbacks if type(cb).on_after_backward is not Callback.on_after_backward]
-    cache: FeatureCache | None = None
+    run = _Run(model, data, cfg, train, val, device, precision, generator, callbacks, progress, augment)
     started = time.perf_counter()
-    for index, stage in enumerate(stages):
+    cache: FeatureCache | None = None
+    for index, stage in enumerate(run.stages):
+        cache = run.stage(index, stage, cache)
+    run.history.train_seconds = time.perf_counter() - started
+    run.history.notes = run.state.notes
+    progress.close()
+    return run.history
+
+
+@dataclass
+class _Run:
+    """What every stage of one `fit` shares, and the history it fills."""
+
+    model: nn.Module
+    data: DataBundle
+    cfg: TrainCfg
+    train: TensorSplit
+    val: TensorSplit | None
+    device: torch.device
+    precision: str
+    generator: torch.Generator
+    callbacks: Sequence[Callback]
+    progress: PlainProgress
+    augment: Augment | None
+
+    def __post_init__(self) -> None:
+        self.loss_fn = loss_for(self.data.task, self.cfg.loss)
+        self.history = History()
+        self.state = FitState(model=self.model)
+        self.steps = math.ceil(len(self.train) / self.cfg.batch_size)
+        self.stages = resolve_stages(self.cfg)
+        self.total_epochs = sum(s.epochs for s in self.stages)
+        self.after_backward = [cb for cb in self.callbacks
+                               if type(cb).on_after_backward is not Callback.on_after_backward]
+
+    def stage(self, index: int, stage: StageCfg, cache: FeatureCache | None) -> FeatureCache | None:
+        """Set up and train one stage; returns the feature cache a later frozen stage may reuse."""
+        cfg, state = self.cfg, self.state
         where = f"train.stages.{index}" if cfg.stages else "train"
-        trainable = set_trainable(model, stage.freeze, stage.unfreeze, where)
-        step_model, step_train, step_val, cached = model, train, val, False
+        trainable = set_trainable(self.model, stage.freeze, stage.unfreeze, where)
+        model, train, val, cached = self.model, self.train, self.val, False
         if stage.freeze == "base" and stage.unfreeze is None and stage.epochs and cfg.cache_features == "auto":
             # training-size batches: at 512 a conv base's activations outgrow the CPU caches (measured 2.3x slower for MobileNetV2 at 160 px)
-            cache, why = _stage_cache(model, cache, train, val, augment, device, precision, cfg.batch_size)
+            cache, why = stage_cache(self.model, cache, self.train, self.val, self.augment, self.device,
+                                     self.precision, cfg.batch_size)
             if why:
                 state.notes.append(f"{stage.name}: features not cached: {why}")
             else:
-                step_model, step_train, step_val, cached = cache.rest, cache.train, cache.val, True
+                model, train, val, cached = cache.rest, cache.train, cache.val, True
         if not cached:
             cache = None  # this stage may change the base: a later frozen stage computes its features anew
-        optimizer = build_optimizer(param_groups(model, stage.optimizer), stage.optimizer, device)
-        ctx = StepContext(loss_fn, optimizer, Schedule(optimizer, stage.schedule, stage.epochs, steps),
-                          data.task, device, precision, cfg.batch_size, generator, after_backward, augment)
+        optimizer = build_optimizer(param_groups(self.model, stage.optimizer), stage.optimizer, self.device)
+        ctx = StepContext(self.loss_fn, optimizer, Schedule(optimizer, stage.schedule, stage.epochs, self.steps),
+                          self.data.task, self.device, self.precision, cfg.batch_size, self.generator,
+                          self.after_backward, self.augment)
         state.stage, state.stop_stage, state.optimizer = index, False, optimizer
         first = state.epoch + 1
-        for cb in callbacks:
+        for cb in self.callbacks:
             cb.on_stage_start(state)
         for _ in range(stage.epochs):
-            state.epoch += 1
-            tick = time.perf_counter()
-            progress.start_epoch(state.epoch, total_epochs, steps)
-            lr = optimizer.param_groups[0]["lr"]
-            metrics: dict[str, Any] = {"epoch": state.epoch, "stage": index}
-            metrics |= train_one_epoch(step_model, step_train, ctx, progress)
-            _check_finite(metrics["train_loss"], state.epoch)
-            if step_val is not None:
-                metrics |= evaluate(step_model, step_val, data.task, loss_fn, device=device, precision=precision,
-                                    batch_size=cfg.eval_batch_size, prefix="val_")
-            metrics["lr"] = lr
-            metrics["seconds"] = round(time.perf_counter() - tick, 4)
-            ctx.schedule.on_epoch(metrics)
-            history.epochs.append(metrics)
-            for cb in callbacks:
-                cb.on_epoch_end(state, metrics)
-            progress.end_epoch(metrics)
+            self.epoch(model, train, val, ctx, index)
             if state.stop_stage:
                 break
-        for cb in callbacks:
+        for cb in self.callbacks:
             cb.on_stage_end(state)
-        history.stages.append({"index": index, "name": stage.name, "first_epoch": first, "last_epoch": state.epoch,
-                               "freeze": stage.freeze, "trainable_params": trainable.trainable,
-                               "frozen_params": trainable.frozen, "cached_features": cached,
-                               "cache_seconds": round(cache.seconds, 3) if cached else 0.0})
-    history.train_seconds = time.perf_counter() - started
-    history.notes = state.notes
-    progress.close()
-    return history
+        self.history.stages.append({"index": index, "name": stage.name, "first_epoch": first,
+                                    "last_epoch": state.epoch, "freeze": stage.freeze,
+                                    "trainable_params": trainable.trainable, "frozen_params": trainable.frozen,
+                                    "cached_features": cached,
+                                    "cache_seconds": round(cache.seconds, 3) if cached else 0.0})
+        return cache
 
-
-def _stage_cache(model: nn.Module, previous: FeatureCache | None, train: TensorSplit, val: TensorSplit | None,
-                 augment: Augment | None, device: torch.device, precision: str,
-                 batch_size: int) -> tuple[FeatureCache | None, str]:
-    """The cache a frozen-base stage trains on (reused from the previous stage when its prefix is the
-    same frozen modules), or None and the reason it cannot have one."""
-    if augment is not None:
-        return previous, "augmentation changes the base's input every epoch (turn data.augment off to train on cached features)"
-    split = frozen_prefix(model)
-    if isinstance(split, str):
-        return previous, split
-    prefix, rest = split
-    if previous is not None and len(previous.prefix) == len(prefix) and all(
-            a is b for a, b in zip(previous.prefix, prefix)):
-        return replace(previous, rest=rest), ""
-    cache = build_cache(prefix, train, val, device=device, precision=precision, batch_size=batch_size)
-    if isinstance(cache, str):
-        return previous, cache
-    return replace(cache, rest=rest), ""
+    def epoch(self, model: nn.Module, train: TensorSplit, val: TensorSplit | None, ctx: StepContext,
+              index: int) -> None:
+        """One epoch: train, validate, let the schedule and the callbacks see its metrics."""
+        state = self.state
+        state.epoch += 1
+        tick = time.perf_counter()
+        self.progress.start_epoch(state.epoch, self.total_epochs, self.steps)
+        lr = ctx.optimizer.param_groups[0]["lr"]
+        metrics: dict[str, Any] = {"epoch": state.epoch, "stage": index}
+        metrics |= train_one_epoch(model, train, ctx, self.progress)
+        _check_finite(metrics["train_loss"], state.epoch)
+        if val is not None:
+            metrics |= evaluate(model, val, self.data.task, self.loss_fn, device=self.device,
+                                precision=self.precision, batch_size=self.cfg.eval_batch_size, prefix="val_")
+        metrics["lr"] = lr
+        metrics["seconds"] = round(time.perf_counter() - tick, 4)
+        ctx.schedule.on_epoch(metrics)
+        self.history.epochs.append(metrics)
+        for cb in self.callbacks:
+            cb.on_epoch_end(state, metrics)
+        self.progress.end_epoch(metrics)
 
 
 def is_conv_on_images(model: nn.Module, x: Tensor) -> bool:

@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from dlkit.errors import ConfigError
-from dlkit.models import MODELS
+from dlkit.config import TEXT_MODELS
+from dlkit.models import Family, register_model
+from dlkit.models.surface import ModelSurface
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(ModelSurface):
     """A sequence classifier: token ids (N, T) padded with `pad_id` in, logits out.
 
     The attention mask is read off the ids; columns that are padding in every row are cut first,
@@ -31,8 +33,7 @@ class TextTransformer(nn.Module):
         self.model = model
         self.pad_id = pad_id
         self.input_dtype = torch.long
-        self.cam_path = None
-        self.report = report  # what loading the weights did, for the run's notes
+        self.load_report = report  # what loading the weights did, for the run's notes
         self.label_names = label_names  # the checkpoint's own trained label names, when it had a head
         # a view over the classifier layers, kept out of the module tree (its weights live under `model`)
         object.__setattr__(self, "_head", nn.ModuleList([model.pre_classifier, model.classifier]))
@@ -129,7 +130,7 @@ def load_hub_model(source: str, num_classes: int) -> TextTransformer:
     return TextTransformer(model.eval(), int(config.pad_token_id or 0), line, names)
 
 
-@MODELS.register("distilbert")
+@register_model("distilbert", Family(hub_default=TEXT_MODELS["distilbert"]))
 def distilbert(
     num_classes: int = 2,
     input_shape: tuple[int, ...] = (128,),

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from dlkit.models.surface import DlkitModel
+
 
 @dataclass
 class SummaryRow:
@@ -80,7 +82,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype
     unset). Integer inputs are ones, so token models read a real (non-pad) id at every step.
     """
     if dtype is None:
-        dtype = getattr(model, "input_dtype", torch.float32)
+        dtype = model.input_dtype if isinstance(model, DlkitModel) else torch.float32
     rows: dict[str, SummaryRow] = {}
 
     def record(name: str, module: nn.Module, out: Any) -> None:

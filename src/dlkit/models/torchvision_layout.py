@@ -16,9 +16,10 @@ from torch import nn
 from torch.func import functional_call
 
 from dlkit.errors import ConfigError
+from dlkit.models.surface import ModelSurface
 
 
-class TorchvisionLayout(nn.Module):
+class TorchvisionLayout(ModelSurface):
     """Base of the torchvision-layout models: `head`, `cam_layer`, `blocks`, `reset_classifier`.
 
     A subclass sets `head_names` (its top-level modules after the trunk, e.g. avgpool, flatten,
@@ -26,7 +27,6 @@ class TorchvisionLayout(nn.Module):
     it registers `features` itself or defines it as a property over `view(...)`.
     """
 
-    input_dtype = torch.float32
     head_names: tuple[str, ...] = ("avgpool", "flatten", "classifier")
     cam_path = "features"
     last_linear = "classifier.6"
