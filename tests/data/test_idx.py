@@ -78,6 +78,20 @@ def test_broken_files_are_one_line_errors_naming_the_file(tmp_path, data, messag
     assert str(err.value).startswith("train-images-idx3-ubyte.gz: ") and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("dims, message", [
+    # 2^22 * 2^22 * 2^20 = 2^64: np.prod in int64 wraps it to 0, and np.empty then fails with a traceback
+    ((1 << 22, 1 << 22, 1 << 20), "header claims (4194304, 4194304, 1048576) = 18,446,744,073,709,551,616 bytes, "
+                                  "more than the 2,147,483,648 any IDX data set holds; it is corrupt, download it again"),
+    ((0, 28, 28), "header claims (0, 28, 28), an empty data set; it is corrupt, download it again"),
+    ((5, 0, 28), "header claims (5, 0, 28), an empty data set; it is corrupt, download it again"),
+])
+def test_headers_that_overflow_or_hold_nothing_are_refused_before_allocating(tmp_path, dims, message):
+    path = _broken(tmp_path, "t.gz", gzip.compress(struct.pack(">4I", IMAGES_MAGIC, *dims)))
+    with pytest.raises(DataError) as err:
+        read_idx(path, IMAGES_MAGIC)
+    assert str(err.value) == f"t.gz: {message}"
+
+
 def test_image_and_label_counts_must_agree(tmp_path):
     images = _broken(tmp_path, "i.gz", gzip.compress(_idx_bytes(IMAGES_MAGIC, np.zeros((3, 2, 2)))))
     labels = _broken(tmp_path, "l.gz", gzip.compress(_idx_bytes(LABELS_MAGIC, np.zeros(4))))

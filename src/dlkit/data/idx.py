@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -69,9 +70,12 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
                 )
             ndim = magic & 0xFF
             dims = struct.unpack(f">{ndim}I", _read_exactly(f, 4 * ndim, path, "header"))
-            size = int(np.prod(dims, dtype=np.int64))
+            if 0 in dims:
+                raise DataError(f"{path.name}: header claims {dims}, an empty data set; it is corrupt, download it again")
+            size = math.prod(dims)  # Python ints: np.prod wraps around in int64 and could look small
             if size > _MAX_PAYLOAD:
-                raise DataError(f"{path.name}: header claims {dims}, far more than any IDX data set; it is corrupt")
+                raise DataError(f"{path.name}: header claims {dims} = {size:,} bytes, more than the "
+                                f"{_MAX_PAYLOAD:,} any IDX data set holds; it is corrupt, download it again")
             data = np.empty(dims, dtype=np.uint8)
             _read_exactly(f, size, path, f"payload of {dims} bytes", into=memoryview(data).cast("B"))
             if f.read(1):
