@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlkit.config import DataCfg
-from dlkit.data.download import RemoteFile, cache_dir, locate, safe_extract, sha256_file
+from dlkit.data.download import ExtractLimits, RemoteFile, cache_dir, locate, safe_extract, sha256_file
 from dlkit.errors import DataError
 
 FOLDER = "aclImdb"
@@ -25,6 +25,10 @@ ARCHIVE = RemoteFile(
     ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",),
     84125825,
 )
+
+# the official archive unpacks ~100,000 members; its largest, train/unsupBow.feat, is tens of MB and
+# what is written (unsup/ left out) about 200 MB: a member past 256 MiB or 1 GiB in all is not IMDb
+LIMITS = ExtractLimits(member_bytes=256 << 20, total_bytes=1 << 30, members=200_000)
 
 _REVIEW_NAME = re.compile(r"(\d+)_(\d+)\.txt")
 _LINE_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -79,7 +83,7 @@ def unpacked(archive: Path, digest: str) -> Path:
     if dest.is_dir():
         return dest  # safe_extract renames into place only after every member was written
     try:
-        safe_extract(archive, dest, keep=lambda name: not name.lstrip("./").startswith(UNREAD))
+        safe_extract(archive, dest, keep=lambda name: not name.lstrip("./").startswith(UNREAD), limits=LIMITS)
     except DataError as exc:
         if not dest.is_dir():  # another process (a torchrun rank) may have unpacked it first
             raise DataError(f"imdb: {exc}") from None
