@@ -7,7 +7,6 @@ columns) and `sentences` (examples written into the recipe, as S3.B's ten).
 """
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from torch import Tensor
 from dlkit.config import DataCfg, TextCfg
 from dlkit.data import DataShape, register_dataset
 from dlkit.data.bundle import DataBundle, TensorSplit
+from dlkit.data.inputs import TEXT_FIELD_LIMIT, csv_records
 from dlkit.data.split import stratified_split, stratified_subset
 from dlkit.errors import DataError, InputError
 
@@ -322,21 +322,23 @@ def load_text_csv(cfg: DataCfg, seed: int) -> DataBundle:
                         f"'{cfg.text.label_column}' columns")
     text_col, label_col = cfg.text.text_column, cfg.text.label_column
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in (text_col, label_col) if c not in header]
-            if missing:
-                raise DataError(
-                    f"data file {path}: no column '{missing[0]}' (columns: {', '.join(header) or 'none'}); set "
-                    f"data.text.text_column / data.text.label_column"
-                )
-            rows = [(row[text_col] or "", (row[label_col] or "").strip()) for row in reader]
+        records = csv_records(path.read_text(encoding="utf-8-sig"), TEXT_FIELD_LIMIT)
     except UnicodeDecodeError:
         raise DataError(f"data file {path} is not UTF-8 text; save it as UTF-8 CSV") from None
-    except csv.Error as exc:
+    except OSError as exc:
+        raise DataError(f"data file {path} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
         raise DataError(f"data file {path} is not a readable CSV: {exc}") from None
-    for line, (_, label) in enumerate(rows, start=2):
+    header = [c.strip() for c in records[0][1]] if records else []
+    missing = [c for c in (text_col, label_col) if c not in header]
+    if missing:
+        raise DataError(
+            f"data file {path}: no column '{missing[0]}' (columns: {', '.join(header) or 'none'}); set "
+            f"data.text.text_column / data.text.label_column"
+        )
+    t, lb = header.index(text_col), header.index(label_col)
+    rows = [(r[t] if t < len(r) else "", (r[lb] if lb < len(r) else "").strip()) for _, r in records[1:]]
+    for (line, _), (_, label) in zip(records[1:], rows):
         if not label:
             raise DataError(f"data file {path}: line {line} has an empty '{label_col}'")
     texts = Texts([t for t, _ in rows], [lb for _, lb in rows])
