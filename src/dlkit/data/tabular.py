@@ -160,7 +160,7 @@ def _label_key(labels: list[str]) -> Callable[[str], Any]:
 def load_celsius(cfg: DataCfg, seed: int) -> DataBundle:
     """S2.1's 160 generated (Celsius, Fahrenheit) pairs, f = 1.8 c + 32 + N(0, 1), split at random
     (seeded) into train / val / test by `val_split` and `test_split`; inputs are raw degrees."""
-    from dlkit.scratch.data import celsius_pairs
+    from dlkit.synthetic import celsius_pairs
 
     c, f = celsius_pairs(n=cfg.subset or 160, seed=seed)
     order = np.random.default_rng(seed).permutation(len(c))
@@ -177,7 +177,7 @@ def load_celsius(cfg: DataCfg, seed: int) -> DataBundle:
 def load_two_moons(cfg: DataCfg, seed: int) -> DataBundle:
     """Two interleaving half circles (500 points, noise 0.2), generated with NumPy: a small set a
     straight line cannot separate, for the from-scratch network."""
-    from dlkit.scratch.data import two_moons
+    from dlkit.synthetic import two_moons
 
     x, y = two_moons(n=cfg.subset or 500, noise=0.2, seed=seed)
     return table_bundle(x, y, ["upper", "lower"], ["x1", "x2"], cfg.model_copy(update={"subset": None}), seed,

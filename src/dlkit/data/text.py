@@ -126,7 +126,7 @@ class HubTokenizer:
         """The tokenizer of a hub id or a save_pretrained folder (HF_HOME, HF_HUB_OFFLINE respected)."""
         from transformers import AutoTokenizer
 
-        from dlkit.models.hub import hf_load
+        from dlkit.hub import hf_load
 
         tok = hf_load(lambda s, local: AutoTokenizer.from_pretrained(s, trust_remote_code=False, local_files_only=local),
                       source, "data.text.tokenizer")

@@ -101,7 +101,7 @@ def load_hub_model(source: str, num_classes: int) -> TextTransformer:
     """A sequence classifier from a hub id or folder, its head fitted to `num_classes` outputs."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from dlkit.models.hub import hf_load
+    from dlkit.hub import hf_load
 
     config = hf_load(lambda s, local: AutoConfig.from_pretrained(s, trust_remote_code=False, local_files_only=local),
                      source, "model.weights")
@@ -143,7 +143,7 @@ def distilbert(
     random weights to be overwritten), else distilbert-base-uncased's architecture at random.
     `dropout` overrides the classifier's dropout (seq_classif_dropout, 0.2 in the checkpoints).
     """
-    from dlkit.models.hub import quiet_transformers
+    from dlkit.hub import quiet_transformers
 
     quiet_transformers()
     if weights is not None:
