@@ -102,7 +102,7 @@ def _line(exc: yaml.YAMLError) -> str:
 
 
 # Hugging Face text models: they bring their own tokenizer (the default, named here, when no weights are given)
-TEXT_MODELS = {"distilbert": "distilbert-base-uncased"}
+TEXT_MODELS = {"distilbert": "distilbert/distilbert-base-uncased@12040accade4e8a0f71eabdb258fecc2e7e948be"}
 
 
 class Strict(BaseModel):

@@ -123,13 +123,13 @@ class HubTokenizer:
 
     @classmethod
     def load(cls, source: str, max_len: int) -> HubTokenizer:
-        """The tokenizer of a hub id or a save_pretrained folder (HF_HOME, HF_HUB_OFFLINE respected)."""
+        """The tokenizer of a hub id (`@revision` pinned) or a save_pretrained folder (HF_HOME, HF_HUB_OFFLINE respected)."""
         from transformers import AutoTokenizer
 
         from dlkit.hub import hf_load
 
-        tok = hf_load(lambda s, local: AutoTokenizer.from_pretrained(s, trust_remote_code=False, local_files_only=local),
-                      source, "data.text.tokenizer")
+        tok = hf_load(lambda s, local, rev: AutoTokenizer.from_pretrained(
+            s, revision=rev, trust_remote_code=False, local_files_only=local), source, "data.text.tokenizer")
         if not getattr(tok, "is_fast", False) or tok.pad_token_id is None:
             raise DataError(f"data.text.tokenizer {source}: dlkit needs a fast tokenizer with a padding token")
         return cls(tok.backend_tokenizer.to_str(), max_len, int(tok.pad_token_id), source)
