@@ -152,3 +152,13 @@ def test_the_tables_hold_the_official_names_digests_and_mirrors():
     assert FILES["mnist"][0].sha256.startswith("440fcabf") and FILES["fashion_mnist"][0].sha256.startswith("3aede38d")
     assert FILES["mnist"][0].urls[0].startswith("https://ossci-datasets.s3.amazonaws.com/mnist/")
     assert FILES["mnist"][0].urls[1].startswith("https://storage.googleapis.com/cvdf-datasets/mnist/")
+
+
+def test_fashion_mnist_and_imdb_have_a_second_source_for_the_same_bytes():
+    from dlkit.data import imdb
+
+    for remote in FILES["fashion_mnist"]:
+        assert remote.urls == (f"https://storage.googleapis.com/tensorflow/tf-keras-datasets/{remote.name}",
+                               f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{remote.name}")
+    assert imdb.ARCHIVE.urls == ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+                                 "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz")

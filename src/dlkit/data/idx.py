@@ -25,7 +25,10 @@ _MNIST_URLS = (  # yann.lecun.com no longer serves them reliably; torchvision an
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
-_FASHION_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+_FASHION_URLS = (  # the copy Keras' fashion_mnist.load_data reads (https), then Zalando's own bucket (http only)
+    "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+)
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 
@@ -37,7 +40,8 @@ def _remote(name: str, sha256: str, size: int, bases: tuple[str, ...]) -> Remote
 _M, _F = _MNIST_URLS, _FASHION_URLS
 
 
-# sha256 digests and sizes of the official files, as published in torchvision's dataset tables
+# sha256 digests and sizes of the official files, as TensorFlow Datasets records them
+# (url_checksums/mnist.txt and fashion_mnist.txt); torchvision's tables give the same files' md5s only
 FILES: dict[str, tuple[RemoteFile, ...]] = {
     "mnist": (
         _remote(TRAIN_IMAGES, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9912422, _M),

@@ -22,7 +22,9 @@ UNREAD = "aclImdb/train/unsup"  # ... nor unpacked: the unsup/ folder and unsupB
 ARCHIVE = RemoteFile(
     "aclImdb_v1.tar.gz",
     "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
-    ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",),
+    # the https address, then the http one TFDS also lists: the same bytes, checked by the sha256 either way
+    ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+     "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"),
     84125825,
 )
 
