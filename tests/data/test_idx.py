@@ -124,6 +124,21 @@ def test_fashion_mnist_has_its_ten_names_and_channels_follow_the_recipe(tmp_path
     assert data_shape(cfg) == DataShape((3, 32, 32), 10, "multiclass")
 
 
+def test_the_source_says_official_only_when_the_digests_were_checked(tmp_path, monkeypatch):
+    from dlkit.data import idx
+    from dlkit.data.download import RemoteFile, sha256_file
+
+    write_idx_set(tmp_path / "m")
+    checked = tuple(RemoteFile(r.name, sha256_file(tmp_path / "m" / r.name), r.urls) for r in FILES["mnist"])
+    monkeypatch.setitem(idx.FILES, "mnist", checked)
+    tail = f" in {tmp_path / 'm'}, 50 train / {N_TEST} test images of 28x28 (official test split as test)"
+    verified = load_data(DataCfg(name="mnist", data_dir=str(tmp_path / "m")), seed=0)
+    assert verified.meta["source"] == "MNIST (LeCun, Cortes, Burges): official IDX files" + tail
+    unverified = load_data(DataCfg(name="mnist", data_dir=str(tmp_path / "m"), verify=False), seed=0)
+    assert unverified.meta["source"] == (
+        "MNIST (LeCun, Cortes, Burges): IDX files (official format, not verified: data.verify=false)" + tail)
+
+
 def test_verify_rejects_files_that_are_not_the_official_ones(tmp_path):
     write_idx_set(tmp_path / "m")
     with pytest.raises(DataError, match=r"sha256 mismatch for train-images-idx3-ubyte\.gz .*data\.verify=false"):

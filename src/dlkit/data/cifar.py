@@ -191,8 +191,10 @@ def load_cifar10(cfg: DataCfg, seed: int) -> DataBundle:
         raise DataError(f"{where}:{META} names {len(classes)} classes, CIFAR-10 has 10; download it again")
     x_train = np.concatenate([x for x, _ in parts])
     y_train = np.concatenate([y for _, y in parts])
+    # verified means the archive's sha256 matched; an extracted folder is only read with verify=false
+    batches = "official python batches" if cfg.verify else "python batches (official format, not verified: data.verify=false)"
     source = (
-        f"CIFAR-10 (Krizhevsky 2009): official python batches from {where}, {len(x_train)} train / "
+        f"CIFAR-10 (Krizhevsky 2009): {batches} from {where}, {len(x_train)} train / "
         f"{len(x_test)} test 32x32 RGB images (official test split as test)"
     )
     return image_bundle(

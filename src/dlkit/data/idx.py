@@ -119,8 +119,9 @@ def _load(name: str, classes: list[str], invert: str, cfg: DataCfg, seed: int, t
     paths = locate(name, FILES[name], cfg)
     x_train, y_train = read_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], len(classes))
     x_test, y_test = read_pair(paths[TEST_IMAGES], paths[TEST_LABELS], len(classes))
+    files = "official IDX files" if cfg.verify else "IDX files (official format, not verified: data.verify=false)"
     source = (
-        f"{title}: official IDX files in {paths[TRAIN_IMAGES].parent}, {len(x_train)} train / {len(x_test)} test "
+        f"{title}: {files} in {paths[TRAIN_IMAGES].parent}, {len(x_train)} train / {len(x_test)} test "
         f"images of {x_train.shape[2]}x{x_train.shape[3]} (official test split as test)"
     )
     return image_bundle(

@@ -64,6 +64,12 @@ def read_imdb(cfg: DataCfg) -> dict[str, list[Review]]:
     return {split: read_split(root / split) for split in SPLITS}
 
 
+def is_verified(cfg: DataCfg) -> bool:
+    """Whether read_imdb(cfg) read the official archive's checked bytes: verify on and no extracted folder
+    (whose files have no published digests) in its place."""
+    return cfg.verify and _extracted_folder(cfg) is None
+
+
 def _extracted_folder(cfg: DataCfg) -> Path | None:
     """An extracted aclImdb folder at or inside cfg.data_dir, when no archive is there (the archive wins)."""
     if not cfg.data_dir:

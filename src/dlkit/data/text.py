@@ -302,11 +302,13 @@ def _text_shape(num_classes: int | None) -> Callable[[DataCfg], DataShape]:
 @register_dataset("imdb", shape=_text_shape(2))
 def load_imdb(cfg: DataCfg, seed: int) -> DataBundle:
     """IMDb movie reviews (Maas et al. 2011): the official 25,000 train / 25,000 test, neg and pos."""
-    from dlkit.data.imdb import read_imdb
+    from dlkit.data.imdb import is_verified, read_imdb
 
     reviews = read_imdb(cfg)
     parts = {name: Texts([r.text for r in rs], [r.label for r in rs]) for name, rs in reviews.items()}
-    source = (f"IMDb reviews (Maas et al. 2011), official aclImdb archive: {len(parts['train'].texts)} train / "
+    files = ("official aclImdb archive" if is_verified(cfg) else
+             "aclImdb files (official format, not verified: data.verify=false or an extracted folder)")
+    source = (f"IMDb reviews (Maas et al. 2011), {files}: {len(parts['train'].texts)} train / "
               f"{len(parts['test'].texts)} test (official test split as test)")
     return text_bundle(parts["train"], parts["test"], cfg, seed, source, classes=["neg", "pos"])
 
