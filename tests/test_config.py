@@ -234,3 +234,64 @@ def test_an_extends_loop_is_one_clear_error(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: ./a.yaml\n")
     with pytest.raises(ConfigError, match=r"^recipe '\w+': 'extends' loops back to '\./\w\.yaml'; break the cycle$"):
         load_recipe(str(tmp_path / "a.yaml"))
+
+
+def laughs(levels: int, width: int = 10) -> str:
+    """A "billion laughs" recipe: each level lists the previous one `width` times (width**levels values)."""
+    lines = ["l0: &l0 [ha, ha, ha, ha, ha, ha, ha, ha, ha, ha]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(["data: {name: digits}", "model: {name: mlp}", *lines]) + "\n"
+
+
+def test_nested_aliases_are_refused_before_they_expand(tmp_path):
+    path = tmp_path / "laughs.yaml"
+    path.write_text(laughs(9))  # 10^9 values once expanded, from a file of about 700 bytes
+    assert path.stat().st_size < 800
+    assert config_error(str(path)) == (
+        f"recipe file {path}: its aliases expand to more than 100,000 values (a recipe needs a few hundred); "
+        "write the values out instead of nesting aliases"
+    )
+    bomb = "[&a [" + ", ".join(["1"] * 10) + "]" + "".join(
+        f", &{b} [{', '.join([f'*{a}'] * 10)}]" for a, b in zip("abcd", "bcde")) + "]"  # 10^5 ones
+    with pytest.raises(ConfigError, match=r"^--set value '\[&a \[1, 1, 1, 1, 1, 1, 1, 1, 1, 1\], &b \[': its aliases"):
+        apply_overrides({}, [f"x={bomb}"])
+
+
+def test_a_few_aliases_still_work(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("data: {name: digits}\nmodel: &m {name: mlp, hidden: [16]}\nexpect: {note: ok}\n"
+                    "train: {epochs: 1, optimizer: &o {name: sgd, lr: 0.1}, stages: [{optimizer: *o}, {optimizer: *o}]}\n")
+    recipe = load_recipe(str(path))
+    assert recipe.train.stages[1].optimizer.lr == 0.1 and recipe.model.args() == {"hidden": [16]}
+
+
+@pytest.mark.parametrize(("text", "ending"), [
+    ("a: &a [1, *a]\n", ": an alias refers to its own anchor (a recursive structure); write the values out"),
+    ("a: &a {b: *a}\n", ": an alias refers to its own anchor (a recursive structure); write the values out"),
+    ("a: " + "[" * 3000 + "]" * 3000 + "\n", ": its lists or mappings are nested more than 64 deep; a recipe needs a few levels"),
+    ("a: !!python/object/apply:os.system [echo hi]\n",
+     ": YAML tag '!!python/object/apply:os.system' is not allowed: a recipe holds plain mappings, lists and values only"),
+    ("a: !!python/name:os.system ''\n",
+     ": YAML tag '!!python/name:os.system' is not allowed: a recipe holds plain mappings, lists and values only"),
+])
+def test_hostile_yaml_is_one_config_error_line(tmp_path, text, ending):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    assert config_error(str(path)) == f"recipe file {path}{ending}"
+
+
+def test_a_recipe_that_is_not_utf8_or_too_large_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    assert config_error(str(path)) == f"recipe file {path} is not UTF-8 text (byte 9); save it as UTF-8"
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"# padding\n" * 110_000)  # 1.1 MB
+    assert config_error(str(big)) == f"recipe file {big} is larger than 1 MiB; a recipe is a few KB of YAML"
+
+
+def test_load_yaml_text_names_its_origin():
+    from dlkit.config import load_yaml_text
+
+    assert load_yaml_text("a: 1e-3\nb: [x]\n", "run x's recipe.yaml") == {"a": 0.001, "b": ["x"]}
+    with pytest.raises(ConfigError, match=r"^run x's recipe.yaml is not valid YAML at line 3; fix the syntax$"):
+        load_yaml_text("a: 1\nb: [\n", "run x's recipe.yaml")

@@ -81,6 +81,13 @@ def test_a_verified_archive_loads_when_its_digest_is_the_known_one(tmp_path, mon
     monkeypatch.setattr(cifar, "ARCHIVE", RemoteFile(path.name, sha256_file(path), (), None))
     b = load_data(DataCfg(name="cifar10", data_dir=str(path), channels=1), seed=0)  # the file itself
     assert b.input_shape == (1, 32, 32) and len(b.test) == PER_BATCH
+    n_train = 5 * PER_BATCH
+    assert b.meta["source"] == (f"CIFAR-10 (Krizhevsky 2009): official python batches from {path}, {n_train} train / "
+                                f"{PER_BATCH} test 32x32 RGB images (official test split as test)")
+    unverified = load_data(DataCfg(name="cifar10", data_dir=str(path), verify=False), seed=0)
+    assert unverified.meta["source"] == (
+        f"CIFAR-10 (Krizhevsky 2009): python batches (official format, not verified: data.verify=false) from {path}, "
+        f"{n_train} train / {PER_BATCH} test 32x32 RGB images (official test split as test)")
 
 
 def test_a_tampered_archive_is_refused_before_anything_is_unpickled(tmp_path, monkeypatch):

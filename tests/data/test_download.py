@@ -5,10 +5,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import re
 import socket
 import struct
 import tarfile
+import sys
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dlkit
 from dlkit.config import DataCfg
 from dlkit.data import download, idx, load_data
 from dlkit.data.download import RemoteFile, cache_dir, fetch, locate, safe_extract, sha256_file
@@ -29,10 +33,12 @@ def _sha(data: bytes) -> str:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """GET /<mode>/<name>: ok serves the file, wrong other bytes, drop half of it and hangs up, 404 not found."""
+    """GET /<mode>/<name>: ok serves the file, wrong other bytes, drop half of it and hangs up, slow one
+    byte every 20 ms (until the client hangs up or the server stops), 404 not found."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.server.hits.append(self.path)
+        self.server.agents.append(self.headers.get("User-Agent"))
         mode, _, name = self.path.strip("/").partition("/")
         body = self.server.files.get(name)
         if mode == "missing" or body is None:
@@ -40,10 +46,28 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if mode == "wrong":
             body = b"x" * len(body)
+        if mode == "slow":
+            self._trickle(body)
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body) + (1000 if mode == "drop" else 0)))
         self.end_headers()
         self.wfile.write(body[: len(body) // 2] if mode == "drop" else body)
+        self.close_connection = True
+
+    def _trickle(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for i in range(len(body)):
+                if self.server.stopping.is_set():
+                    break
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(0.02)
+        except OSError:  # the client gave up and hung up
+            pass
         self.close_connection = True
 
     def log_message(self, *args) -> None:
@@ -54,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    srv.files, srv.hits = {}, []
+    srv.files, srv.hits, srv.agents, srv.stopping = {}, [], [], threading.Event()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -63,6 +87,7 @@ def server():
     watchdog.start()
     yield srv
     watchdog.cancel()
+    srv.stopping.set()
     srv.shutdown()
     srv.server_close()
     thread.join(timeout=5)
@@ -128,6 +153,30 @@ def test_a_body_longer_than_the_known_size_is_cut_off(server, tmp_path):
     with pytest.raises(DataError, match="more than the expected 10 bytes"):
         fetch(RemoteFile("a.bin", _sha(GOOD), (f"{server.url}/ok/a.bin",), 10), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_server_that_trickles_runs_into_the_deadline_and_the_next_url_is_tried(server, tmp_path):
+    server.files["a.bin"] = GOOD  # 16,384 bytes: 330 s at one byte per 20 ms
+    remote = RemoteFile("a.bin", _sha(GOOD), (f"{server.url}/slow/a.bin", f"{server.url}/ok/a.bin"), len(GOOD))
+    start = time.monotonic()
+    path = fetch(remote, tmp_path, timeout=5.0, deadline=0.3)
+    assert time.monotonic() - start < 2.0
+    assert path.read_bytes() == GOOD and server.hits == ["/slow/a.bin", "/ok/a.bin"] and _parts(tmp_path) == []
+    with pytest.raises(DataError) as err:
+        fetch(RemoteFile("a.bin", _sha(GOOD), (f"{server.url}/slow/a.bin",), len(GOOD)), tmp_path / "d", deadline=0.3)
+    assert re.fullmatch(rf"could not download a\.bin from any of its URLs \({server.url}/slow/a\.bin: too slow: "
+                        r"\d{1,2} of 16,384 bytes in the 0\.3 s allowed\)", str(err.value)), str(err.value)
+    assert _parts(tmp_path / "d") == []
+
+
+def test_the_default_deadline_grows_with_the_size_and_the_user_agent_names_no_invented_address(server, tmp_path):
+    assert download.default_deadline(170498071) == pytest.approx(60 + 3409.96)  # CIFAR-10: about an hour
+    assert download.default_deadline(28881) == pytest.approx(60.57762)
+    assert download.default_deadline(None) == 3600.0
+    server.files["a.bin"] = GOOD
+    fetch(RemoteFile("a.bin", _sha(GOOD), (f"{server.url}/ok/a.bin",), len(GOOD)), tmp_path)
+    version = ".".join(map(str, sys.version_info[:2]))
+    assert server.agents == [f"dlkit/{dlkit.__version__} (Python-urllib/{version})"]
 
 
 def test_locate_downloads_into_the_cache_once(server, tmp_path):

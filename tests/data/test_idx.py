@@ -78,6 +78,20 @@ def test_broken_files_are_one_line_errors_naming_the_file(tmp_path, data, messag
     assert str(err.value).startswith("train-images-idx3-ubyte.gz: ") and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("dims, message", [
+    # 2^22 * 2^22 * 2^20 = 2^64: np.prod in int64 wraps it to 0, and np.empty then fails with a traceback
+    ((1 << 22, 1 << 22, 1 << 20), "header claims (4194304, 4194304, 1048576) = 18,446,744,073,709,551,616 bytes, "
+                                  "more than the 2,147,483,648 any IDX data set holds; it is corrupt, download it again"),
+    ((0, 28, 28), "header claims (0, 28, 28), an empty data set; it is corrupt, download it again"),
+    ((5, 0, 28), "header claims (5, 0, 28), an empty data set; it is corrupt, download it again"),
+])
+def test_headers_that_overflow_or_hold_nothing_are_refused_before_allocating(tmp_path, dims, message):
+    path = _broken(tmp_path, "t.gz", gzip.compress(struct.pack(">4I", IMAGES_MAGIC, *dims)))
+    with pytest.raises(DataError) as err:
+        read_idx(path, IMAGES_MAGIC)
+    assert str(err.value) == f"t.gz: {message}"
+
+
 def test_image_and_label_counts_must_agree(tmp_path):
     images = _broken(tmp_path, "i.gz", gzip.compress(_idx_bytes(IMAGES_MAGIC, np.zeros((3, 2, 2)))))
     labels = _broken(tmp_path, "l.gz", gzip.compress(_idx_bytes(LABELS_MAGIC, np.zeros(4))))
@@ -110,6 +124,21 @@ def test_fashion_mnist_has_its_ten_names_and_channels_follow_the_recipe(tmp_path
     assert data_shape(cfg) == DataShape((3, 32, 32), 10, "multiclass")
 
 
+def test_the_source_says_official_only_when_the_digests_were_checked(tmp_path, monkeypatch):
+    from dlkit.data import idx
+    from dlkit.data.download import RemoteFile, sha256_file
+
+    write_idx_set(tmp_path / "m")
+    checked = tuple(RemoteFile(r.name, sha256_file(tmp_path / "m" / r.name), r.urls) for r in FILES["mnist"])
+    monkeypatch.setitem(idx.FILES, "mnist", checked)
+    tail = f" in {tmp_path / 'm'}, 50 train / {N_TEST} test images of 28x28 (official test split as test)"
+    verified = load_data(DataCfg(name="mnist", data_dir=str(tmp_path / "m")), seed=0)
+    assert verified.meta["source"] == "MNIST (LeCun, Cortes, Burges): official IDX files" + tail
+    unverified = load_data(DataCfg(name="mnist", data_dir=str(tmp_path / "m"), verify=False), seed=0)
+    assert unverified.meta["source"] == (
+        "MNIST (LeCun, Cortes, Burges): IDX files (official format, not verified: data.verify=false)" + tail)
+
+
 def test_verify_rejects_files_that_are_not_the_official_ones(tmp_path):
     write_idx_set(tmp_path / "m")
     with pytest.raises(DataError, match=r"sha256 mismatch for train-images-idx3-ubyte\.gz .*data\.verify=false"):
@@ -138,3 +167,13 @@ def test_the_tables_hold_the_official_names_digests_and_mirrors():
     assert FILES["mnist"][0].sha256.startswith("440fcabf") and FILES["fashion_mnist"][0].sha256.startswith("3aede38d")
     assert FILES["mnist"][0].urls[0].startswith("https://ossci-datasets.s3.amazonaws.com/mnist/")
     assert FILES["mnist"][0].urls[1].startswith("https://storage.googleapis.com/cvdf-datasets/mnist/")
+
+
+def test_fashion_mnist_and_imdb_have_a_second_source_for_the_same_bytes():
+    from dlkit.data import imdb
+
+    for remote in FILES["fashion_mnist"]:
+        assert remote.urls == (f"https://storage.googleapis.com/tensorflow/tf-keras-datasets/{remote.name}",
+                               f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{remote.name}")
+    assert imdb.ARCHIVE.urls == ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+                                 "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz")

@@ -150,9 +150,9 @@ def test_the_cached_archive_is_unpacked_once_and_reused(official, monkeypatch, n
 def test_an_extraction_another_process_finished_first_is_used(official, monkeypatch):
     real_extract = imdb.safe_extract
 
-    def lose_the_race(archive, dest, keep=None):
-        real_extract(archive, dest, keep)  # the other process (a torchrun rank) renames its copy into place first
-        real_extract(archive, dest, keep)
+    def lose_the_race(archive, dest, keep=None, limits=imdb.LIMITS):
+        real_extract(archive, dest, keep, limits)  # the other process (a torchrun rank) renames its copy into place first
+        real_extract(archive, dest, keep, limits)
 
     monkeypatch.setattr(imdb, "safe_extract", lose_the_race)
     assert read_imdb(DataCfg(name="imdb", data_dir=str(official))) == EXPECTED

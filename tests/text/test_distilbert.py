@@ -107,16 +107,19 @@ def test_hub_ids_load_from_hf_home_offline_and_fail_in_one_line_when_absent(hf_h
     empty = {"HF_HOME": str(tmp_path / "empty-home"), "HF_HUB_OFFLINE": "1"}
     gone = dlkit("run", "sentiment-distilbert", "--out", "x", env=empty)
     assert gone.returncode == 2 and "Traceback" not in gone.stderr
+    sst2, commit = "distilbert/distilbert-base-uncased-finetuned-sst-2-english", "714eb0fa89d2f80546fda750413ed43d93601a13"
     assert gone.stderr.strip().splitlines() == [
-        "error: data.text.tokenizer distilbert-base-uncased-finetuned-sst-2-english: not in the Hugging Face cache "
+        f"error: data.text.tokenizer {sst2}@{commit}: not in the Hugging Face cache "
         f"{tmp_path / 'empty-home' / 'hub'} and the hub cannot be reached (HF_HUB_OFFLINE is set); on a machine with "
-        "internet run `hf download distilbert-base-uncased-finetuned-sst-2-english` and copy its HF_HOME here "
+        f"internet run `hf download {sst2} --revision {commit}` and copy its HF_HOME here "
         "(or point HF_HOME at it), or give a local folder saved with save_pretrained"]
     assert not (tmp_path / "x").exists()  # nothing half-written
 
     # not offline by setting, but the hub does not answer: the same line at once, without a minute of retries
     unreachable = {"HF_HOME": str(tmp_path / "empty-home"), "HF_ENDPOINT": "http://127.0.0.1:1"}
-    no_net = dlkit("run", "sentiment-distilbert", "--set", "model.weights=distilbert-base-uncased", env=unreachable)
+    no_net = dlkit("run", "sentiment-distilbert", "--set", "model.weights=distilbert/distilbert-base-uncased",
+                   env=unreachable)
     assert no_net.returncode == 2
-    assert no_net.stderr.startswith("error: data.text.tokenizer distilbert-base-uncased: not in the Hugging Face cache")
+    assert no_net.stderr.startswith(
+        "error: data.text.tokenizer distilbert/distilbert-base-uncased: not in the Hugging Face cache")
     assert "HF_HUB_OFFLINE" not in no_net.stderr

@@ -27,6 +27,24 @@ def test_imdb_from_the_official_archive(imdb_archive, tmp_path, monkeypatch) -> 
     assert tok.vocab_size == 50 == data.meta["vocab_size"]
     assert "br" not in tok.vocab and "the" in tok.vocab  # the markup is gone
     assert data.train.x.max() < 50
+    assert data.meta["source"] == ("IMDb reviews (Maas et al. 2011), aclImdb files (official format, not verified: "
+                                   "data.verify=false or an extracted folder): 800 train / 400 test (official test "
+                                   "split as test)")
+
+
+def test_imdb_says_official_only_for_the_checked_archive(imdb_archive, tmp_path, monkeypatch) -> None:
+    from dlkit.data import imdb
+    from dlkit.data.download import RemoteFile, sha256_file
+
+    archive = imdb_archive / imdb.ARCHIVE.name
+    monkeypatch.setattr(imdb, "ARCHIVE", RemoteFile(archive.name, sha256_file(archive), imdb.ARCHIVE.urls))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = DataCfg(name="imdb", data_dir=str(imdb_archive), text=TextCfg(max_words=50, max_len=40))
+    assert imdb.is_verified(cfg) and not imdb.is_verified(cfg.model_copy(update={"verify": False}))
+    assert load_data(cfg, seed=0).meta["source"] == (
+        "IMDb reviews (Maas et al. 2011), official aclImdb archive: 800 train / 400 test (official test split as test)")
+    unpacked = next((tmp_path / "cache" / "dlkit" / "datasets" / "imdb").glob("aclImdb-*"))
+    assert not imdb.is_verified(cfg.model_copy(update={"data_dir": str(unpacked)}))  # a folder has no digest
 
 
 def test_the_vocabulary_comes_from_the_training_split_only() -> None:

@@ -25,6 +25,11 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH, META = "test_batch", "batches.meta"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 _PIXELS = 3 * 32 * 32
+# a batch file is 10,000 images of 3,072 bytes in a pickle, about 31 MB; twice that is not a CIFAR batch.
+# Checked against a tar member's declared size (and a file's size) before reading, so a small archive
+# whose member inflates to gigabytes costs nothing; 7 files of at most 64 MiB bound the whole read.
+MAX_BATCH_BYTES = 64 << 20
+_MAX_MEMBERS = 1000  # the official archive has 9 (the folder, 5 train batches, test, meta, readme)
 
 # sha256 of the official archive (Keras' get_file uses the same; torchvision checks md5 c58f3010...)
 ARCHIVE = RemoteFile(
@@ -94,28 +99,48 @@ def parse_meta(data: bytes | None, origin: str) -> list[str]:
     return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
 
 
-def read_archive(path: Path) -> dict[str, bytes]:
-    """The batch files' bytes, read in one pass over the tar.gz (a backward seek would re-inflate it)."""
+def read_archive(path: Path, max_bytes: int = MAX_BATCH_BYTES) -> dict[str, bytes]:
+    """The batch files' bytes, read in one pass over the tar.gz (a backward seek would re-inflate it);
+    a member over `max_bytes` is refused by its declared size, before it is inflated."""
     wanted = {f"{FOLDER}/{name}" for name in (*TRAIN_BATCHES, TEST_BATCH, META)}
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:gz") as tar:
-            for member in tar:
+            for i, member in enumerate(tar):
+                if i == _MAX_MEMBERS:
+                    raise DataError(f"{path.name}: more than {_MAX_MEMBERS} members, not the CIFAR-10 archive; "
+                                    "download it again")
                 if member.name in wanted and member.isfile():
+                    name = member.name.rsplit("/", 1)[1]
+                    _check_size(f"{path.name}:{name}", member.size, max_bytes)
                     f = tar.extractfile(member)
                     assert f is not None  # a regular member always has contents
-                    found[member.name.rsplit("/", 1)[1]] = f.read()
+                    data = f.read(max_bytes + 1)  # a tar member holds its declared size; bounded all the same
+                    _check_size(f"{path.name}:{name}", len(data), max_bytes)
+                    found[name] = data
     except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
         raise DataError(f"{path.name}: not a readable tar.gz ({exc}); download it again") from None
     _require(found, path.name)
     return found
 
 
-def read_folder(folder: Path) -> dict[str, bytes]:
-    """The batch files' bytes from an extracted cifar-10-batches-py folder."""
-    found = {p.name: p.read_bytes() for p in (folder / n for n in (*TRAIN_BATCHES, TEST_BATCH, META)) if p.is_file()}
+def read_folder(folder: Path, max_bytes: int = MAX_BATCH_BYTES) -> dict[str, bytes]:
+    """The batch files' bytes from an extracted cifar-10-batches-py folder (each at most `max_bytes`)."""
+    found = {}
+    for p in (folder / n for n in (*TRAIN_BATCHES, TEST_BATCH, META)):
+        if p.is_file():
+            _check_size(str(p), p.stat().st_size, max_bytes)
+            with open(p, "rb") as f:
+                found[p.name] = f.read(max_bytes + 1)
+            _check_size(str(p), len(found[p.name]), max_bytes)
     _require(found, str(folder))
     return found
+
+
+def _check_size(where: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise DataError(f"{where} holds {size:,} bytes, more than the {max_bytes:,} a CIFAR-10 batch can "
+                        "(about 31 MB); it is not the official file, download the archive again")
 
 
 def _require(found: dict[str, bytes], where: str) -> None:
@@ -166,8 +191,10 @@ def load_cifar10(cfg: DataCfg, seed: int) -> DataBundle:
         raise DataError(f"{where}:{META} names {len(classes)} classes, CIFAR-10 has 10; download it again")
     x_train = np.concatenate([x for x, _ in parts])
     y_train = np.concatenate([y for _, y in parts])
+    # verified means the archive's sha256 matched; an extracted folder is only read with verify=false
+    batches = "official python batches" if cfg.verify else "python batches (official format, not verified: data.verify=false)"
     source = (
-        f"CIFAR-10 (Krizhevsky 2009): official python batches from {where}, {len(x_train)} train / "
+        f"CIFAR-10 (Krizhevsky 2009): {batches} from {where}, {len(x_train)} train / "
         f"{len(x_test)} test 32x32 RGB images (official test split as test)"
     )
     return image_bundle(

@@ -8,8 +8,10 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,11 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from dlkit import __version__
 from dlkit.config import DataCfg
 from dlkit.errors import DataError
 
 _CHUNK = 1 << 20
-_USER_AGENT = "dlkit (+https://github.com/dlkit)"
+_USER_AGENT = f"dlkit/{__version__} (Python-urllib/{sys.version_info.major}.{sys.version_info.minor})"
+# A download's whole-file deadline: a minute, plus the file's size at 50 kB/s (a slow DSL line; CIFAR-10's
+# 170 MB gets an hour). `timeout` bounds each read; a server that trickles a byte per read would pass it.
+DEADLINE_BASE_S = 60.0
+SLOWEST_BYTES_PER_S = 50_000
+DEADLINE_UNKNOWN_SIZE_S = 3600.0
+# Unpacking: the most one member, all written members together, and the member count may reach.
+# A few-MB archive of zeros can inflate a thousandfold; callers pass limits fitted to their data set.
+MAX_MEMBER_BYTES = 1 << 30
+MAX_TOTAL_BYTES = 4 << 30
+MAX_MEMBERS = 200_000
 
 
 @dataclass(frozen=True)
@@ -54,13 +67,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 30.0) -> Path:
-    """Download `remote` into dest_dir, trying each URL in turn; only a verified file keeps its name."""
+def default_deadline(size: int | None) -> float:
+    """Seconds a whole download of `size` bytes may take before the next URL is tried."""
+    return DEADLINE_UNKNOWN_SIZE_S if size is None else DEADLINE_BASE_S + size / SLOWEST_BYTES_PER_S
+
+
+def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 30.0, deadline: float | None = None) -> Path:
+    """Download `remote` into dest_dir, trying each URL in turn; only a verified file keeps its name.
+
+    `timeout` bounds each wait for the server, `deadline` (default: `default_deadline(remote.size)`)
+    each URL's whole download; a URL that runs past it fails and the next one is tried.
+    """
     dest_dir.mkdir(parents=True, exist_ok=True)
+    limit = default_deadline(remote.size) if deadline is None else deadline
     failures: dict[str, str] = {}
     for url in remote.urls:
         try:
-            return _fetch_one(url, remote, dest_dir, timeout)
+            return _fetch_one(url, remote, dest_dir, timeout, limit)
         except (OSError, http.client.HTTPException, ValueError, DataError) as exc:
             failures[url] = _reason(exc)
     raise FetchError(remote.name, failures)
@@ -75,7 +98,7 @@ class FetchError(DataError):
         super().__init__(f"could not download {name} from any of its URLs ({detail or 'none given'})")
 
 
-def _fetch_one(url: str, remote: RemoteFile, dest_dir: Path, timeout: float) -> Path:
+def _fetch_one(url: str, remote: RemoteFile, dest_dir: Path, timeout: float, deadline: float) -> Path:
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise ValueError("only http and https URLs are fetched")
     # a unique .part per attempt, so two processes (torchrun ranks) never write into one file
@@ -84,10 +107,16 @@ def _fetch_one(url: str, remote: RemoteFile, dest_dir: Path, timeout: float) -> 
     try:
         h, received = hashlib.sha256(), 0
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
+        end = time.monotonic() + deadline
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=min(timeout, deadline)) as resp:
             length = resp.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
-            while chunk := resp.read(_CHUNK):
+            # read1 returns what has arrived (read(n) waits for all n bytes), so the deadline is checked
+            # after every packet; it is overrun by at most one `timeout`
+            while chunk := resp.read1(_CHUNK):
+                if time.monotonic() > end:
+                    of = f" of {expected:,}" if expected is not None else ""
+                    raise DataError(f"too slow: {received + len(chunk):,}{of} bytes in the {deadline:g} s allowed")
                 received += len(chunk)
                 if remote.size is not None and received > remote.size:
                     raise DataError(f"server sent more than the expected {remote.size} bytes")
@@ -174,12 +203,23 @@ def _offline_message(dataset: str, missing: Sequence[RemoteFile], cache: Path, e
     )
 
 
-def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] | None = None) -> Path:
+@dataclass(frozen=True)
+class ExtractLimits:
+    """How much an archive may unpack to: bytes of one member, of all written members, and members."""
+
+    member_bytes: int = MAX_MEMBER_BYTES
+    total_bytes: int = MAX_TOTAL_BYTES
+    members: int = MAX_MEMBERS
+
+
+def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] | None = None,
+                 limits: ExtractLimits = ExtractLimits()) -> Path:
     """Unpack a .tar(.gz) or .zip into `dest` (which must not exist), refusing any unsafe member.
 
     Members are checked before anything is written and land in a temporary folder beside `dest`,
     renamed into place only when all of them were written: a refusal or a failure leaves nothing.
     `keep(name)` false skips writing a member (it is still checked: the archive is refused as a whole).
+    A member whose declared size, or whose bytes as they inflate, pass `limits` refuses the archive.
     """
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
@@ -189,9 +229,9 @@ def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] | None =
     tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise become dest's mode
     try:
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, tmp, keep)
+            _extract_zip(archive, tmp, keep, limits)
         else:
-            _extract_tar(archive, tmp, keep)
+            _extract_tar(archive, tmp, keep, limits)
         os.replace(tmp, dest)
     except DataError as exc:  # an unsafe member: refuse the archive as a whole
         raise DataError(f"{exc}; nothing was unpacked: the archive is not safe, delete it and get the official one") from None
@@ -203,20 +243,26 @@ def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] | None =
     return dest
 
 
-def _extract_tar(archive: Path, root: Path, keep: Callable[[str], bool] | None) -> None:
+def _extract_tar(archive: Path, root: Path, keep: Callable[[str], bool] | None, limits: ExtractLimits) -> None:
     with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
-        for m in members:
+        members = []
+        for m in tar:  # each header is checked before the next is read: a huge member is never inflated
+            if len(members) == limits.members:
+                raise DataError(f"refused {archive.name}: more than {limits.members:,} members")
             if not (m.isfile() or m.isdir()):
                 raise DataError(f"refused member '{m.name}' of {archive.name}: {_tar_kind(m)}, not a file")
             _member_path(root, m.name, archive)
+            _check_size(m.name, m.size if m.isfile() else 0, archive, limits)
+            members.append(m)
         _write_members(root, archive, [(m.name, m.isdir(), lambda m=m: tar.extractfile(m)) for m in members
-                                       if keep is None or keep(m.name)])
+                                       if keep is None or keep(m.name)], limits)
 
 
-def _extract_zip(archive: Path, root: Path, keep: Callable[[str], bool] | None) -> None:
+def _extract_zip(archive: Path, root: Path, keep: Callable[[str], bool] | None, limits: ExtractLimits) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        if len(infos) > limits.members:
+            raise DataError(f"refused {archive.name}: more than {limits.members:,} members")
         for info in infos:
             kind_bits = stat.S_IFMT(info.external_attr >> 16)
             # zip keeps the Unix file type in the high bits; none at all means a plain file (DOS archives)
@@ -224,20 +270,41 @@ def _extract_zip(archive: Path, root: Path, keep: Callable[[str], bool] | None) 
                 kind = "a symlink" if kind_bits == stat.S_IFLNK else "a special file"
                 raise DataError(f"refused member '{info.filename}' of {archive.name}: {kind}, not a file")
             _member_path(root, info.filename, archive)
+            _check_size(info.filename, info.file_size, archive, limits)
         _write_members(root, archive, [(i.filename, i.is_dir(), lambda i=i: zf.open(i)) for i in infos
-                                       if keep is None or keep(i.filename)])
+                                       if keep is None or keep(i.filename)], limits)
 
 
-def _write_members(root: Path, archive: Path, members: list[tuple[str, bool, Callable[[], Any]]]) -> None:
-    """Write (name, is_dir, open_contents) members under `root`; names were checked beforehand."""
+def _check_size(name: str, size: int, archive: Path, limits: ExtractLimits) -> None:
+    """Refuse a member whose header declares more bytes than one member may hold."""
+    if size > limits.member_bytes:
+        raise DataError(f"refused member '{name}' of {archive.name}: it declares {size:,} bytes, more than "
+                        f"the {limits.member_bytes:,} allowed")
+
+
+def _write_members(root: Path, archive: Path, members: list[tuple[str, bool, Callable[[], Any]]],
+                   limits: ExtractLimits) -> None:
+    """Write (name, is_dir, open_contents) members under `root`; names and declared sizes were checked
+    beforehand, and the bytes that actually inflate are counted too (a header can lie)."""
+    total = 0
     for name, is_dir, open_contents in members:
         target = _member_path(root, name, archive)
         if is_dir:
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
         with open_contents() as src, open(target, "wb") as out:
-            shutil.copyfileobj(src, out, _CHUNK)
+            while chunk := src.read(_CHUNK):
+                written += len(chunk)
+                total += len(chunk)
+                if written > limits.member_bytes:
+                    raise DataError(f"refused member '{name}' of {archive.name}: it inflates past the "
+                                    f"{limits.member_bytes:,} bytes allowed")
+                if total > limits.total_bytes:
+                    raise DataError(f"refused {archive.name}: its members inflate past the "
+                                    f"{limits.total_bytes:,} bytes allowed in all")
+                out.write(chunk)
 
 
 def _member_path(root: Path, name: str, archive: Path) -> Path:

@@ -22,12 +22,11 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dlkit.config import DataCfg
 from dlkit.data import DataShape, register_dataset
 from dlkit.data.bundle import DataBundle, TensorSplit
-from dlkit.data.inputs import read_image
+from dlkit.data.inputs import open_image, read_image
 from dlkit.data.preprocess import ImagePrep
 from dlkit.data.vision import image_bundle
 from dlkit.errors import DataError, InputError
@@ -116,7 +115,7 @@ def _read_all(files: Files, prep: ImagePrep, bad_files: str) -> tuple[tuple[np.n
 
     def read(i: int) -> str | None:
         try:
-            x = prep.layout(read_image(str(files[i][0]), prep.channels))
+            x = prep.layout(read_image(str(files[i][0]), prep.channels, prep.size))
         except InputError as exc:
             return str(exc).removeprefix(f"{files[i][0]}: ").split("; expected")[0]
         out[i] = (x[0] * 255.0).round_().to(torch.uint8).numpy()
@@ -159,11 +158,13 @@ def _header(path: Path) -> tuple[str, tuple[int, int]] | str:
     if not path.is_file():
         return "file not found"
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             w, h = img.size
             # orientations 5-8 swap the axes; a PNG's getexif() would decode the whole image
             turned = img.format in _EXIF_FORMATS and img.getexif().get(0x0112) in (5, 6, 7, 8)
             return img.mode, ((h, w) if turned else (w, h))
+    except InputError as exc:  # too many pixels
+        return str(exc).removeprefix(f"{path}: ")
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, ...
         return f"not a readable image ({(str(exc).splitlines() or [type(exc).__name__])[0][:120]})"
 

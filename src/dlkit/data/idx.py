@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -24,7 +25,10 @@ _MNIST_URLS = (  # yann.lecun.com no longer serves them reliably; torchvision an
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
-_FASHION_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+_FASHION_URLS = (  # the copy Keras' fashion_mnist.load_data reads (https), then Zalando's own bucket (http only)
+    "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+)
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 
@@ -36,7 +40,8 @@ def _remote(name: str, sha256: str, size: int, bases: tuple[str, ...]) -> Remote
 _M, _F = _MNIST_URLS, _FASHION_URLS
 
 
-# sha256 digests and sizes of the official files, as published in torchvision's dataset tables
+# sha256 digests and sizes of the official files, as TensorFlow Datasets records them
+# (url_checksums/mnist.txt and fashion_mnist.txt); torchvision's tables give the same files' md5s only
 FILES: dict[str, tuple[RemoteFile, ...]] = {
     "mnist": (
         _remote(TRAIN_IMAGES, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9912422, _M),
@@ -69,9 +74,12 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
                 )
             ndim = magic & 0xFF
             dims = struct.unpack(f">{ndim}I", _read_exactly(f, 4 * ndim, path, "header"))
-            size = int(np.prod(dims, dtype=np.int64))
+            if 0 in dims:
+                raise DataError(f"{path.name}: header claims {dims}, an empty data set; it is corrupt, download it again")
+            size = math.prod(dims)  # Python ints: np.prod wraps around in int64 and could look small
             if size > _MAX_PAYLOAD:
-                raise DataError(f"{path.name}: header claims {dims}, far more than any IDX data set; it is corrupt")
+                raise DataError(f"{path.name}: header claims {dims} = {size:,} bytes, more than the "
+                                f"{_MAX_PAYLOAD:,} any IDX data set holds; it is corrupt, download it again")
             data = np.empty(dims, dtype=np.uint8)
             _read_exactly(f, size, path, f"payload of {dims} bytes", into=memoryview(data).cast("B"))
             if f.read(1):
@@ -111,8 +119,9 @@ def _load(name: str, classes: list[str], invert: str, cfg: DataCfg, seed: int, t
     paths = locate(name, FILES[name], cfg)
     x_train, y_train = read_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], len(classes))
     x_test, y_test = read_pair(paths[TEST_IMAGES], paths[TEST_LABELS], len(classes))
+    files = "official IDX files" if cfg.verify else "IDX files (official format, not verified: data.verify=false)"
     source = (
-        f"{title}: official IDX files in {paths[TRAIN_IMAGES].parent}, {len(x_train)} train / {len(x_test)} test "
+        f"{title}: {files} in {paths[TRAIN_IMAGES].parent}, {len(x_train)} train / {len(x_test)} test "
         f"images of {x_train.shape[2]}x{x_train.shape[3]} (official test split as test)"
     )
     return image_bundle(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlkit.config import DataCfg
-from dlkit.data.download import RemoteFile, cache_dir, locate, safe_extract, sha256_file
+from dlkit.data.download import ExtractLimits, RemoteFile, cache_dir, locate, safe_extract, sha256_file
 from dlkit.errors import DataError
 
 FOLDER = "aclImdb"
@@ -22,9 +22,15 @@ UNREAD = "aclImdb/train/unsup"  # ... nor unpacked: the unsup/ folder and unsupB
 ARCHIVE = RemoteFile(
     "aclImdb_v1.tar.gz",
     "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
-    ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",),
+    # the https address, then the http one TFDS also lists: the same bytes, checked by the sha256 either way
+    ("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+     "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"),
     84125825,
 )
+
+# the official archive unpacks ~100,000 members; its largest, train/unsupBow.feat, is tens of MB and
+# what is written (unsup/ left out) about 200 MB: a member past 256 MiB or 1 GiB in all is not IMDb
+LIMITS = ExtractLimits(member_bytes=256 << 20, total_bytes=1 << 30, members=200_000)
 
 _REVIEW_NAME = re.compile(r"(\d+)_(\d+)\.txt")
 _LINE_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -58,6 +64,12 @@ def read_imdb(cfg: DataCfg) -> dict[str, list[Review]]:
     return {split: read_split(root / split) for split in SPLITS}
 
 
+def is_verified(cfg: DataCfg) -> bool:
+    """Whether read_imdb(cfg) read the official archive's checked bytes: verify on and no extracted folder
+    (whose files have no published digests) in its place."""
+    return cfg.verify and _extracted_folder(cfg) is None
+
+
 def _extracted_folder(cfg: DataCfg) -> Path | None:
     """An extracted aclImdb folder at or inside cfg.data_dir, when no archive is there (the archive wins)."""
     if not cfg.data_dir:
@@ -79,7 +91,7 @@ def unpacked(archive: Path, digest: str) -> Path:
     if dest.is_dir():
         return dest  # safe_extract renames into place only after every member was written
     try:
-        safe_extract(archive, dest, keep=lambda name: not name.lstrip("./").startswith(UNREAD))
+        safe_extract(archive, dest, keep=lambda name: not name.lstrip("./").startswith(UNREAD), limits=LIMITS)
     except DataError as exc:
         if not dest.is_dir():  # another process (a torchrun rank) may have unpacked it first
             raise DataError(f"imdb: {exc}") from None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +19,64 @@ from torch import Tensor
 from dlkit.errors import InputError
 
 IMAGE_EXPECT = "an image file (PNG, JPEG, BMP, GIF, TIFF, WebP) or a .npy array in [0, 1]"
+# Largest image decoded, in pixels (checked from the header, before decoding): a 40-megapixel RGB file
+# is 120 MB of bytes and 480 MB as floats, where a legal 12000x12000 PNG would cost 1.7 GB. A larger
+# JPEG is first reduced while decoding (by 2, 4 or 8) towards the model's size, so phone photos pass.
+MAX_PIXELS = 40_000_000
+# Longest CSV field read, in characters. csv's own default (131,072) is kept for numbers, which are
+# never near it. Text cells (text_csv) may hold 1 MiB: IMDb's longest review has 13,704 characters and
+# the tokenizer keeps max_len tokens anyway; the bound still stops an unclosed quote, which turns the
+# rest of a file into one field, at the line it opened on.
+NUMBER_FIELD_LIMIT = 131_072
+TEXT_FIELD_LIMIT = 1 << 20
 
 
-def read_image(source: str, channels: int) -> Tensor:
-    """One image as a float batch (1, C, H, W) in [0, 1], C = `channels` for files (1 or 3)."""
+def read_image(source: str, channels: int, size: tuple[int, int] | None = None) -> Tensor:
+    """One image as a float batch (1, C, H, W) in [0, 1], C = `channels` for files (1 or 3).
+
+    `size` (H, W), the size the model reads, lets a larger JPEG decode at a half, quarter or eighth
+    of its size (never below `size`); an image over MAX_PIXELS is refused before it is decoded.
+    """
     path = _existing_file(source, IMAGE_EXPECT)
     if path.suffix.lower() == ".npy":
         return _image_from_array(_load_npy(path, source, IMAGE_EXPECT), source)
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
+            if size is not None and img.format == "JPEG":
+                side = max(size)  # either axis may become the height after EXIF rotation
+                img.draft(None, (side, side))
+            check_pixels(img.size, source)
             pixels = _pixels(ImageOps.exif_transpose(img), channels)
+    except InputError:
+        raise
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
         reason = _reason(exc)
         raise InputError(f"{source}: not a readable image ({reason}); expected {IMAGE_EXPECT}") from None
     return torch.from_numpy(pixels).unsqueeze(0)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Image.open without Pillow's multi-line DecompressionBombWarning (check_pixels says it in one line);
+    Pillow's own refusal of an image over twice its limit becomes the same InputError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError as exc:
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            raise InputError(_too_large(str(path), f"{int(pixels[1]):,} pixels" if pixels else "the image")) from None
+
+
+def check_pixels(size: tuple[int, int], source: str) -> None:
+    """Refuse an image of more than MAX_PIXELS pixels, saying how to shrink it."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise InputError(_too_large(source, f"{w}x{h} = {w * h:,} pixels"))
+
+
+def _too_large(source: str, what: str) -> str:
+    return (f"{source}: {what} is more than the {MAX_PIXELS // 1_000_000} megapixels dlkit decodes; shrink the "
+            "picture first (e.g. to 4000 pixels on its longer side, or save it as JPEG, which is reduced as it is read)")
 
 
 def read_table(source: str, feature_names: list[str]) -> Tensor:
@@ -125,8 +171,10 @@ def _csv_rows(path: Path, source: str, names: list[str]) -> np.ndarray:
     except (OSError, UnicodeDecodeError) as exc:
         reason = _reason(exc)
         raise InputError(f"{source}: cannot read the file ({reason}); expected a CSV of numbers") from None
-    reader = csv.reader(io.StringIO(text))
-    rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    try:
+        rows = csv_records(text)
+    except ValueError as exc:
+        raise InputError(f"{source}: {exc}; expected a CSV of numbers") from None
     expect = f"{len(names)} values per row ({_preview(names)})"
     header = None
     # a header is a row of mostly names; a data row with one bad cell is reported as such below
@@ -159,6 +207,26 @@ def _csv_rows(path: Path, source: str, names: list[str]) -> np.ndarray:
                 f"{source}: line {line} holds '{cell.strip()}', not a number; expected {expect}"
             ) from None
     return np.array(out, dtype=np.float64)
+
+
+def csv_records(text: str, field_limit: int = NUMBER_FIELD_LIMIT) -> list[tuple[int, list[str]]]:
+    """The CSV records of `text` that hold something, each with the line it ends on; a defect (a field
+    over `field_limit` characters) is a ValueError "line N: why", N the line its record began on."""
+    old = csv.field_size_limit(field_limit)  # csv keeps one limit per process: restored below
+    reader = csv.reader(io.StringIO(text))
+    records, start = [], 1
+    try:
+        for row in reader:
+            if any(c.strip() for c in row):
+                records.append((reader.line_num, row))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        reason = (f"a field is longer than {field_limit:,} characters (an unclosed quote?)"
+                  if "field limit" in str(exc) else str(exc))
+        raise ValueError(f"line {start}: {reason}") from None
+    finally:
+        csv.field_size_limit(old)
+    return records
 
 
 def _load_npy(path: Path, source: str, expect: str) -> np.ndarray:

@@ -1,8 +1,6 @@
 """Tables of numeric features: sklearn's breast cancer set and the user's own CSV files."""
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +13,7 @@ from sklearn.datasets import load_breast_cancer
 from dlkit.config import DataCfg
 from dlkit.data import register_dataset
 from dlkit.data.bundle import DataBundle, TensorSplit
+from dlkit.data.inputs import csv_records
 from dlkit.data.preprocess import TablePrep
 from dlkit.data.split import stratified_split, stratified_subset
 from dlkit.errors import DataError
@@ -47,8 +46,10 @@ def load_csv_table(cfg: DataCfg, seed: int) -> DataBundle:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"data file {cfg.path} cannot be read as UTF-8 text ({exc}); {CSV_HINT}") from None
-    reader = csv.reader(io.StringIO(text))
-    rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    try:
+        rows = csv_records(text)
+    except ValueError as exc:
+        raise DataError(f"data file {cfg.path}: {exc}; {CSV_HINT}") from None
     if len(rows) < 2:
         raise DataError(f"data file {cfg.path} is empty or has only a header; {CSV_HINT}")
     header = [c.strip() for c in rows[0][1]]
@@ -159,7 +160,7 @@ def _label_key(labels: list[str]) -> Callable[[str], Any]:
 def load_celsius(cfg: DataCfg, seed: int) -> DataBundle:
     """S2.1's 160 generated (Celsius, Fahrenheit) pairs, f = 1.8 c + 32 + N(0, 1), split at random
     (seeded) into train / val / test by `val_split` and `test_split`; inputs are raw degrees."""
-    from dlkit.scratch.data import celsius_pairs
+    from dlkit.synthetic import celsius_pairs
 
     c, f = celsius_pairs(n=cfg.subset or 160, seed=seed)
     order = np.random.default_rng(seed).permutation(len(c))
@@ -176,7 +177,7 @@ def load_celsius(cfg: DataCfg, seed: int) -> DataBundle:
 def load_two_moons(cfg: DataCfg, seed: int) -> DataBundle:
     """Two interleaving half circles (500 points, noise 0.2), generated with NumPy: a small set a
     straight line cannot separate, for the from-scratch network."""
-    from dlkit.scratch.data import two_moons
+    from dlkit.synthetic import two_moons
 
     x, y = two_moons(n=cfg.subset or 500, noise=0.2, seed=seed)
     return table_bundle(x, y, ["upper", "lower"], ["x1", "x2"], cfg.model_copy(update={"subset": None}), seed,

@@ -7,7 +7,6 @@ columns) and `sentences` (examples written into the recipe, as S3.B's ten).
 """
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from torch import Tensor
 from dlkit.config import DataCfg, TextCfg
 from dlkit.data import DataShape, register_dataset
 from dlkit.data.bundle import DataBundle, TensorSplit
+from dlkit.data.inputs import TEXT_FIELD_LIMIT, csv_records
 from dlkit.data.split import stratified_split, stratified_subset
 from dlkit.errors import DataError, InputError
 
@@ -123,13 +123,13 @@ class HubTokenizer:
 
     @classmethod
     def load(cls, source: str, max_len: int) -> HubTokenizer:
-        """The tokenizer of a hub id or a save_pretrained folder (HF_HOME, HF_HUB_OFFLINE respected)."""
+        """The tokenizer of a hub id (`@revision` pinned) or a save_pretrained folder (HF_HOME, HF_HUB_OFFLINE respected)."""
         from transformers import AutoTokenizer
 
-        from dlkit.models.hub import hf_load
+        from dlkit.hub import hf_load
 
-        tok = hf_load(lambda s, local: AutoTokenizer.from_pretrained(s, trust_remote_code=False, local_files_only=local),
-                      source, "data.text.tokenizer")
+        tok = hf_load(lambda s, local, rev: AutoTokenizer.from_pretrained(
+            s, revision=rev, trust_remote_code=False, local_files_only=local), source, "data.text.tokenizer")
         if not getattr(tok, "is_fast", False) or tok.pad_token_id is None:
             raise DataError(f"data.text.tokenizer {source}: dlkit needs a fast tokenizer with a padding token")
         return cls(tok.backend_tokenizer.to_str(), max_len, int(tok.pad_token_id), source)
@@ -302,11 +302,13 @@ def _text_shape(num_classes: int | None) -> Callable[[DataCfg], DataShape]:
 @register_dataset("imdb", shape=_text_shape(2))
 def load_imdb(cfg: DataCfg, seed: int) -> DataBundle:
     """IMDb movie reviews (Maas et al. 2011): the official 25,000 train / 25,000 test, neg and pos."""
-    from dlkit.data.imdb import read_imdb
+    from dlkit.data.imdb import is_verified, read_imdb
 
     reviews = read_imdb(cfg)
     parts = {name: Texts([r.text for r in rs], [r.label for r in rs]) for name, rs in reviews.items()}
-    source = (f"IMDb reviews (Maas et al. 2011), official aclImdb archive: {len(parts['train'].texts)} train / "
+    files = ("official aclImdb archive" if is_verified(cfg) else
+             "aclImdb files (official format, not verified: data.verify=false or an extracted folder)")
+    source = (f"IMDb reviews (Maas et al. 2011), {files}: {len(parts['train'].texts)} train / "
               f"{len(parts['test'].texts)} test (official test split as test)")
     return text_bundle(parts["train"], parts["test"], cfg, seed, source, classes=["neg", "pos"])
 
@@ -322,21 +324,23 @@ def load_text_csv(cfg: DataCfg, seed: int) -> DataBundle:
                         f"'{cfg.text.label_column}' columns")
     text_col, label_col = cfg.text.text_column, cfg.text.label_column
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in (text_col, label_col) if c not in header]
-            if missing:
-                raise DataError(
-                    f"data file {path}: no column '{missing[0]}' (columns: {', '.join(header) or 'none'}); set "
-                    f"data.text.text_column / data.text.label_column"
-                )
-            rows = [(row[text_col] or "", (row[label_col] or "").strip()) for row in reader]
+        records = csv_records(path.read_text(encoding="utf-8-sig"), TEXT_FIELD_LIMIT)
     except UnicodeDecodeError:
         raise DataError(f"data file {path} is not UTF-8 text; save it as UTF-8 CSV") from None
-    except csv.Error as exc:
+    except OSError as exc:
+        raise DataError(f"data file {path} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
         raise DataError(f"data file {path} is not a readable CSV: {exc}") from None
-    for line, (_, label) in enumerate(rows, start=2):
+    header = [c.strip() for c in records[0][1]] if records else []
+    missing = [c for c in (text_col, label_col) if c not in header]
+    if missing:
+        raise DataError(
+            f"data file {path}: no column '{missing[0]}' (columns: {', '.join(header) or 'none'}); set "
+            f"data.text.text_column / data.text.label_column"
+        )
+    t, lb = header.index(text_col), header.index(label_col)
+    rows = [(r[t] if t < len(r) else "", (r[lb] if lb < len(r) else "").strip()) for _, r in records[1:]]
+    for (line, _), (_, label) in zip(records[1:], rows):
         if not label:
             raise DataError(f"data file {path}: line {line} has an empty '{label_col}'")
     texts = Texts([t for t, _ in rows], [lb for _, lb in rows])

@@ -1,7 +1,8 @@
 """DistilBERT (Sanh et al. 2019) through Hugging Face `transformers`, behind dlkit's model surface.
 
-`model.weights` is a hub id (`distilbert-base-uncased-finetuned-sst-2-english`) or a folder written
-by save_pretrained; weights load from safetensors only and no remote code runs. The bundle keeps
+`model.weights` is a hub id pinned to a revision after `@`
+(`distilbert/distilbert-base-uncased-finetuned-sst-2-english@714eb0fa...`; the tokenizer follows it) or
+a folder written by save_pretrained; weights load from safetensors only and no remote code runs. The bundle keeps
 the model's config, so `predict` rebuilds it offline and loads dlkit's own model.safetensors.
 
 Two classes are one logit in dlkit (a sigmoid); a checkpoint's two-logit head is folded into one
@@ -102,10 +103,10 @@ def load_hub_model(source: str, num_classes: int) -> TextTransformer:
     """A sequence classifier from a hub id or folder, its head fitted to `num_classes` outputs."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from dlkit.models.hub import hf_load
+    from dlkit.hub import hf_load
 
-    config = hf_load(lambda s, local: AutoConfig.from_pretrained(s, trust_remote_code=False, local_files_only=local),
-                     source, "model.weights")
+    config = hf_load(lambda s, local, rev: AutoConfig.from_pretrained(
+        s, revision=rev, trust_remote_code=False, local_files_only=local), source, "model.weights")
     if config.model_type != "distilbert":
         raise ConfigError(f"model.weights {source} is a '{config.model_type}' model; model 'distilbert' needs a "
                           "DistilBERT checkpoint")
@@ -113,9 +114,9 @@ def load_hub_model(source: str, num_classes: int) -> TextTransformer:
     fold = has_head and config.num_labels == 2 and num_classes == 1
     keep = has_head and (fold or config.num_labels == num_classes)
     kwargs: dict[str, Any] = {} if keep else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
-    model, info = hf_load(lambda s, local: AutoModelForSequenceClassification.from_pretrained(
-        s, use_safetensors=True, trust_remote_code=False, dtype=torch.float32, output_loading_info=True,
-        local_files_only=local, **kwargs), source, "model.weights")
+    model, info = hf_load(lambda s, local, rev: AutoModelForSequenceClassification.from_pretrained(
+        s, revision=rev, use_safetensors=True, trust_remote_code=False, dtype=torch.float32,
+        output_loading_info=True, local_files_only=local, **kwargs), source, "model.weights")
     if fold:
         _fold_two_logits(model)
     new = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k
@@ -141,10 +142,10 @@ def distilbert(
     """DistilBERT for sequence classification over `input_shape[0]` tokens.
 
     From `weights` (hub id or folder: config and weights loaded), else from `config` (a bundle's,
-    random weights to be overwritten), else distilbert-base-uncased's architecture at random.
+    random weights to be overwritten), else distilbert/distilbert-base-uncased's architecture at random.
     `dropout` overrides the classifier's dropout (seq_classif_dropout, 0.2 in the checkpoints).
     """
-    from dlkit.models.hub import quiet_transformers
+    from dlkit.hub import quiet_transformers
 
     quiet_transformers()
     if weights is not None:
