@@ -226,7 +226,12 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _weights_preprocessing(self) -> Recipe:
-        """Pretrained weights bring their preprocessing: ImageNet mean/std on RGB, unless the recipe says otherwise."""
+        """Pretrained weights bring their preprocessing: ImageNet mean/std on RGB, unless the recipe says otherwise.
+
+        `model.weights: none` (any case, or YAML null) is random initialisation: no weights, and no
+        preprocessing switched on their behalf."""
+        if isinstance(self.model.weights, str) and self.model.weights.strip().lower() == "none":
+            self.model.weights = None  # before the checks below: 'none' must not pass for a weights file
         if self.model.name in TEXT_MODELS:
             if self.data.text.tokenizer is None:
                 self.data.text.tokenizer = self.model.weights or TEXT_MODELS[self.model.name]

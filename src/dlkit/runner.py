@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,15 +87,32 @@ def data_args(recipe: Recipe, data: DataBundle) -> dict[str, Any]:
 
 
 def load_pretrained(recipe: Recipe, model: nn.Module, progress: bool = False) -> str | None:
-    """Load `model.weights` (ImageNet or a file) into the model's base; the one-line report, or None."""
+    """Load `model.weights` (ImageNet or a file) into the model's base; the one-line report, or None.
+
+    With no weights (`none`: random initialisation) and a frozen base, the report is a warning, also
+    printed on stderr: the head would train on random features."""
     if recipe.model.weights is None:
-        return None
+        warning = _frozen_random_base(recipe)
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
+        return warning
     if recipe.model.name in TEXT_MODELS:
         return getattr(model, "report", None)  # loaded with the model by build_model
     from dlkit.models.pretrained import load_into, load_state, source_name
 
     state = load_state(recipe.model.weights, recipe.model.name, progress=progress)
     return load_into(model, state, source_name(recipe.model.weights, recipe.model.name)).line()
+
+
+def _frozen_random_base(recipe: Recipe) -> str | None:
+    """The warning for a base that is frozen in some stage while it holds random weights, or None."""
+    train = recipe.train
+    frozen = [s.freeze or train.freeze for s in train.stages] if train.stages else [train.freeze]
+    if "base" not in frozen:
+        return None
+    where = "train.freeze: base" if not train.stages else "a stage freezes the base"
+    return (f"model.weights is none (random initialisation) but {where}: the head trains on random features; "
+            "set model.weights (e.g. imagenet) or train.freeze: none")
 
 
 def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainProgress | None = None,
