@@ -137,7 +137,8 @@ def compare(
     per_run: Annotated[bool, typer.Option("--per-run", help="one row per run instead of per recipe")] = False,
 ) -> None:
     """One table over finished runs, grouped by recipe: mean ± std over seeds (95% interval from 3
-    runs), the seed's claim beside ours, params, train time and latency."""
+    runs), the seed's claim beside ours, params, train time and latency. Runs whose recipe.yaml
+    differ in more than the seed get rows of their own, labelled with the differing settings."""
     from dlkit.evaluate.compare import compare_rows, compare_runs, markdown_table
 
     table = markdown_table(compare_rows(runs)) if per_run else compare_runs(runs, fmt)
