@@ -20,6 +20,10 @@ SeedOpt = Annotated[int | None, typer.Option(help="Random seed (splits, init, ba
 OutOpt = Annotated[Path | None, typer.Option(help="Run directory to create (default runs/<recipe>-<time>).")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Your own data: a folder or file.")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the data set's official files.")]
+MovedDataOpt = Annotated[Path | None, typer.Option("--data", help="Where the run's data file or folder is now, "
+                                                                   "if it moved (replaces the recipe's data.path).")]
+MovedDataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where the run's data set files are now, if "
+                                                                         "they moved (replaces data.data_dir).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")]
 PrecisionOpt = Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
@@ -95,11 +99,13 @@ def train(model: Annotated[str, typer.Option(help="A registered model (dlkit lis
 
 
 @app.command()
-def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")]) -> None:
-    """Re-test a finished run on its test split and print the metrics as JSON."""
+def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedDataOpt = None,
+             data_dir: MovedDataDirOpt = None) -> None:
+    """Re-test a finished run on its test split and print the metrics as JSON (the data must be
+    those it was trained on: their fingerprint is checked)."""
     from dlkit.evaluate.retest import evaluate_run
 
-    typer.echo(json.dumps(evaluate_run(run_dir), indent=2))
+    typer.echo(json.dumps(evaluate_run(run_dir, data_path=data, data_dir=data_dir), indent=2))
 
 
 @app.command()
@@ -113,11 +119,12 @@ def predict(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN")]) -> None:
+def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedDataOpt = None,
+           data_dir: MovedDataDirOpt = None) -> None:
     """Re-test a finished run and write its plots (plots/*.png) and report.html; prints the report's path."""
     from dlkit.evaluate.report import build_report
 
-    typer.echo(str(build_report(run_dir)))
+    typer.echo(str(build_report(run_dir, data_path=data, data_dir=data_dir)))
 
 
 @app.command()
