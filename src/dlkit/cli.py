@@ -110,12 +110,26 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: Move
 
 @app.command()
 def predict(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
-            inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, .npy arrays, CSV files or rows; texts.")]) -> None:
-    """Predict with a finished run: one JSON object per input (label, confidence, probabilities)."""
+            inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files or folders of them, "
+                                                        ".npy arrays, CSV files or rows; texts.")]) -> None:
+    """Predict with a finished run: one JSON object per input (label, confidence, probabilities).
+
+    A folder stands for the image files directly inside it, by name (other files are skipped). An
+    input that cannot be read gets {"input": ..., "error": ...} in its place, the others are still
+    predicted, and the command exits 1; a lone input that cannot be read is an error (exit 2)."""
+    from dlkit.errors import InputError
     from dlkit.predict import Predictor
 
-    for result in Predictor.from_run(run_dir).predict(inputs):
+    results = Predictor.from_run(run_dir).predict(inputs, errors="report")
+    failed = [r for r in results if "error" in r]
+    if failed and len(results) == 1:
+        raise InputError(failed[0]["error"])
+    for result in results:
         typer.echo(json.dumps(result))
+    if failed:
+        print(f"error: {len(failed)} of {len(results)} inputs could not be predicted; see their \"error\" lines",
+              file=sys.stderr)
+        raise SystemExit(1)
 
 
 @app.command()
