@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from dlkit.data.folders import IMAGE_SUFFIXES
 from dlkit.data.preprocess import ImagePrep, prep_from_dict, read_input
 from dlkit.engine.checkpoint import load_weights
-from dlkit.errors import DlkitError, InputError
 from dlkit.engine.loop import predict_outputs
+from dlkit.errors import DlkitError, InputError
 from dlkit.evaluate.metrics import probabilities
 from dlkit.models import build
 from dlkit.rundir import RunDir

@@ -174,8 +174,8 @@ def test_only_the_seed_may_differ_and_every_differing_field_is_named(tmp_path):
         ("mnist-cnn (data.augment.hflip=false, train.stages.1.epochs=3, +1 more)", (0, 7)),
         ("mnist-cnn (data.augment.hflip=true, train.stages.1.epochs=1, +1 more)", (0,))]
     # fields in the order first seen; one only some runs set counts as null in the others
-    assert table.notes == ["runs of mnist-cnn differ in data.augment.hflip, train.stages.1.epochs, model.weights: "
-                           "kept apart"]  # each row is over its own seeds: no shared-seed note
+    differ = "data.augment.hflip, train.stages.1.epochs, model.weights"
+    assert table.notes == [f"runs of mnist-cnn differ in {differ}: kept apart"]  # no shared-seed note: own seeds
     three = compare_table(runs[:2] + [make_run(tmp_path, "d", seed=1, settings={**base, "model": {"name": "x"}})])
     assert [r.label for r in three.rows] == ["mnist-cnn (model.name=seed_cnn)", "mnist-cnn (model.name=x)"]
 

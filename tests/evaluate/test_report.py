@@ -289,10 +289,10 @@ def test_the_recipe_dump_shows_only_the_settings_that_apply_to_the_kind_of_input
              for name, p in pages.items()}
     assert notes == {
         "digits-cnn": ["data.text (no effect on image data)."],
-        "breast-cancer-lstm": ["data.text, data.augment, data.bad_files, train.channels_last (no effect on tabular "
-                               "data)."],
-        "tiny-text-lstm": ["data.augment, data.normalize, data.bad_files, train.channels_last (no effect on tokens "
-                           "data)."],
+        "breast-cancer-lstm": [("data.text, data.augment, data.bad_files, train.channels_last (no effect on tabular "
+                                "data).")],
+        "tiny-text-lstm": [("data.augment, data.normalize, data.bad_files, train.channels_last (no effect on tokens "
+                            "data).")],
     }
     # the Data section follows the same rule
     assert "data.bad_files" not in section(pages["breast-cancer-lstm"], "Data")
