@@ -172,6 +172,17 @@ def test_run_prints_one_plain_line_per_epoch_and_options_take_effect(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_weights_none_with_a_frozen_base_runs_with_one_warning(tmp_path):
+    rc, out, err = dlkit_cli("run", "digits-mlp", "--epochs", 1, "--set", "model.weights=none", "--set",
+                             "train.freeze=base", "--quiet", "--out", "r", cwd=tmp_path)
+    warning = ("model.weights is none (random initialisation) but train.freeze: base: the head trains on random "
+               "features; set model.weights (e.g. imagenet) or train.freeze: none")
+    assert (rc, out, err) == (0, "r\n", f"warning: {warning}\n")
+    assert read_json(tmp_path / "r" / "summary.json")["notes"][0] == warning
+    recipe = yaml.safe_load((tmp_path / "r" / "recipe.yaml").read_text())
+    assert "weights" not in recipe["model"] and recipe["data"]["normalize"] == "scale"
+
+
 def test_train_on_a_registered_dataset(tmp_path):
     stdout = ok("train", "--model", "mlp", "--data", "digits", "--epochs", 1, "--quiet", cwd=tmp_path)
     run_dir = tmp_path / last_line(stdout)
@@ -205,6 +216,17 @@ def test_train_on_a_csv_file_then_predict_a_row(tmp_path):
     (result,) = predictions(ok("predict", run_dir, "0,4,4,4", cwd=tmp_path))
     check_result(result, ["cat", "dog", "owl"])
     assert result["label"] == "dog" and result["input"] == "0,4,4,4"
+    # the CSV moves: evaluate and report say how to find it, and take --data
+    moved = tmp_path / "archive" / "animals.csv"
+    moved.parent.mkdir()
+    (tmp_path / "animals.csv").rename(moved)
+    rc, out, err = dlkit_cli("evaluate", run_dir, cwd=tmp_path)
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert err.endswith("(as the run recorded its data.path; if the data moved, pass --data PATH)\n")
+    metrics = json.loads(ok("evaluate", run_dir, "--data", moved, cwd=tmp_path))
+    assert metrics["test_accuracy"] == summary["test_accuracy"] and metrics["n_test"] == summary["n_test"]
+    assert ok("report", run_dir, "--data", "archive/animals.csv", cwd=tmp_path).strip() == str(run_dir / "report.html")
+    assert (run_dir / "plots" / "confusion_counts.png").is_file()
 
 
 # ---- evaluate / predict / compare ----------------------------------------------------------------------
@@ -256,6 +278,46 @@ def test_predict_a_test_split_digit_gets_its_label(tmp_path, cnn_run):
     assert result["label"] == str(int(test.y[i]))
 
 
+def test_predict_many_inputs_reports_a_bad_one_in_place_and_exits_1(tmp_path, cnn_run):
+    digit = np.rint(load_digits().images[7] * 255 / 16)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("b.png", "a.png"):
+        _save_grey(digit, folder / name)
+    (folder / "notes.txt").write_text("not an image")  # skipped: only image files count
+    (folder / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "empty").mkdir()
+    single = _save_grey(digit, tmp_path / "seven.png")
+    rc, out, err = dlkit_cli("predict", cnn_run, "scans", "missing.png", "empty", single, cwd=tmp_path)
+    assert rc == 1 and "Traceback" not in out + err
+    assert err == 'error: 3 of 6 inputs could not be predicted; see their "error" lines\n'
+    results = predictions(out)
+    # the folder's images in name order, in the folder's place
+    assert [r["input"] for r in results] == ["scans/a.png", "scans/b.png", "scans/broken.png", "missing.png", "empty",
+                                             str(single)]
+    for r in (results[0], results[1], results[5]):
+        check_result(r, DIGIT_CLASSES)
+        assert r["probabilities"] == results[0]["probabilities"]  # the same digit three times
+    expect = "expected an image file (PNG, JPEG, BMP, GIF, TIFF, WebP) or a .npy array in [0, 1]"
+    assert results[2] == {"input": "scans/broken.png", "error": "scans/broken.png: not a readable image "
+                          f"(cannot identify image file 'scans/broken.png'); {expect}"}
+    assert results[3] == {"input": "missing.png", "error": f"missing.png: file not found; {expect}"}
+    assert results[4] == {"input": "empty", "error": "empty: folder holds no image files (.png, .jpg, .jpeg, .bmp, "
+                          ".gif, .tif, .tiff, .webp, .npy); give image files or a folder of them"}
+
+
+def test_predictor_raises_on_a_bad_input_unless_asked_to_report_it(tmp_path, cnn_run):
+    from dlkit.errors import InputError
+    from dlkit.predict import Predictor
+
+    predictor = Predictor.from_run(cnn_run)
+    good = str(_save_grey(np.zeros((8, 8)), tmp_path / "good.png"))
+    with pytest.raises(InputError, match="^nope.png: file not found"):
+        predictor.predict([good, "nope.png"])
+    reported = predictor.predict([good, "nope.png"], errors="report")
+    assert [set(r) for r in reported] == [RESULT_KEYS, {"input", "error"}]
+
+
 def test_predict_table_rows_from_csv_and_inline(tmp_path, lstm_run):
     data = load_breast_cancer()
     names = list(data.feature_names)
@@ -275,8 +337,12 @@ def test_predict_table_rows_from_csv_and_inline(tmp_path, lstm_run):
     assert results[-1]["input"] == inline
     for r in results:
         check_result(r, ["malignant", "benign"])
-    assert [r["probabilities"] for r in results[569:572]] == [r["probabilities"] for r in results[:3]]
-    assert results[-1]["probabilities"] == results[0]["probabilities"]
+    # the same rows in a batch of 3 (and of 1) as in the batch of 569: float32 sums depend on the batch's
+    # make-up by about 1e-7 (README, Prediction), so the printed 6th decimal may differ by one
+    same = [(results[569 + i], results[i]) for i in range(3)] + [(results[-1], results[0])]
+    for again, first in same:
+        assert again["label"] == first["label"]
+        assert again["probabilities"] == pytest.approx(first["probabilities"], abs=1.5e-6)
     # raw rows get the training split's scaling: the whole data set is mostly classified right
     labels = [r["label"] for r in results[:569]]
     accuracy = np.mean([label == data.target_names[t] for label, t in zip(labels, data.target)])
@@ -292,6 +358,25 @@ def test_compare_groups_runs_by_recipe_in_the_format_asked(tmp_path, lstm_run, c
     table = ok("compare", lstm_run, cnn_run, "--format", "csv", cwd=tmp_path).splitlines()
     assert table[0].startswith("recipe,n,seeds,accuracy_mean") and len(table) == 3
     assert ok("compare", lstm_run, "--format", "html", cwd=tmp_path).startswith("<table")
+
+
+def test_compare_keeps_apart_runs_whose_recipes_differ_in_more_than_the_seed(tmp_path, lstm_run):
+    # the same run with its recipe.yaml saying 1 epoch and another seed: a run made with --epochs 1
+    other = shutil.copytree(lstm_run, tmp_path / "short")
+    recipe = yaml.safe_load((other / "recipe.yaml").read_text())
+    recipe["train"]["epochs"], recipe["seed"] = 1, 5
+    (other / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (other / "summary.json").write_text(json.dumps({**read_json(other / "summary.json"), "seed": 5}))
+    lines = ok("compare", lstm_run, other, cwd=tmp_path).splitlines()
+    accuracy = f"{read_json(lstm_run / 'summary.json')['test_accuracy']:.4f}"
+    assert [[c.strip() for c in line.split("|")[1:4]] for line in lines[2:4]] == [
+        ["breast-cancer-lstm (train.epochs=2)", "1", accuracy], ["breast-cancer-lstm (train.epochs=1)", "1", accuracy]]
+    assert lines[4:] == ["", "- runs of breast-cancer-lstm differ in train.epochs: kept apart"]
+    recipe["train"]["epochs"] = 2  # now only the seed differs: one row over two runs
+    (other / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    lines = ok("compare", lstm_run, other, cwd=tmp_path).splitlines()
+    assert len(lines) == 3 and [c.strip() for c in lines[2].split("|")[1:3]] == ["breast-cancer-lstm", "2"]
+    assert lines[2].split("|")[3].strip() == f"{accuracy} ± 0.0000"
 
 
 def test_compare_per_run_prints_a_markdown_table(tmp_path, lstm_run, cnn_run):
@@ -348,6 +433,7 @@ USER_ERRORS = [
               "incomplete is not a finished run (missing bundle.json)"),
     UserError("predict-missing-input", ("predict", "{mlp}", "nofile.png"), "nofile.png: file not found"),
     UserError("predict-garbage-image", ("predict", "{mlp}", "garbage.png"), "garbage.png: not a readable image"),
+    UserError("predict-empty-folder", ("predict", "{mlp}", "taken"), "taken: folder holds no image files (.png, "),
     UserError("predict-csv-wrong-width", ("predict", "{lstm}", "wrong.csv"),
               "wrong.csv: expected 30 values per row (mean radius, ...), got 29"),
     UserError("predict-inline-short", ("predict", "{lstm}", "1,2,3"), "input '1,2,3': expected 30 values per row"),

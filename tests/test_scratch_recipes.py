@@ -11,7 +11,7 @@ from dlkit.errors import ConfigError
 from dlkit.evaluate.retest import evaluate_run
 from dlkit.predict import Predictor
 
-CONTRACT = {"recipe.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "bundle.json", "checkpoints"}
+CONTRACT = {"recipe.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "bundle.json", "checkpoints", "status.json"}
 
 
 def test_scratch_linreg_learns_the_fahrenheit_line_and_matches_least_squares(tmp_path):

@@ -23,6 +23,10 @@ SeedOpt = Annotated[int | None, typer.Option(help="Random seed (splits, init, ba
 OutOpt = Annotated[Path | None, typer.Option(help="Run directory to create (default runs/<recipe>-<time>).")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Your own data: a folder or file.")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the data set's official files.")]
+MovedDataOpt = Annotated[Path | None, typer.Option("--data", help="Where the run's data file or folder is now, "
+                                                                   "if it moved (replaces the recipe's data.path).")]
+MovedDataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where the run's data set files are now, if "
+                                                                         "they moved (replaces data.data_dir).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")]
 PrecisionOpt = Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
@@ -98,29 +102,46 @@ def train(model: Annotated[str, typer.Option(help="A registered model (dlkit lis
 
 
 @app.command()
-def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")]) -> None:
-    """Re-test a finished run on its test split and print the metrics as JSON."""
+def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedDataOpt = None,
+             data_dir: MovedDataDirOpt = None) -> None:
+    """Re-test a finished run on its test split and print the metrics as JSON (the data must be
+    those it was trained on: their fingerprint is checked)."""
     from dlkit.evaluate.retest import evaluate_run
 
-    typer.echo(json.dumps(evaluate_run(run_dir), indent=2))
+    typer.echo(json.dumps(evaluate_run(run_dir, data_path=data, data_dir=data_dir), indent=2))
 
 
 @app.command()
 def predict(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
-            inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files, .npy arrays, CSV files or rows; texts.")]) -> None:
-    """Predict with a finished run: one JSON object per input (label, confidence, probabilities)."""
+            inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files or folders of them, "
+                                                        ".npy arrays, CSV files or rows; texts.")]) -> None:
+    """Predict with a finished run: one JSON object per input (label, confidence, probabilities).
+
+    A folder stands for the image files directly inside it, by name (other files are skipped). An
+    input that cannot be read gets {"input": ..., "error": ...} in its place, the others are still
+    predicted, and the command exits 1; a lone input that cannot be read is an error (exit 2)."""
+    from dlkit.errors import InputError
     from dlkit.predict import Predictor
 
-    for result in Predictor.from_run(run_dir).predict(inputs):
+    results = Predictor.from_run(run_dir).predict(inputs, errors="report")
+    failed = [r for r in results if "error" in r]
+    if failed and len(results) == 1:
+        raise InputError(failed[0]["error"])
+    for result in results:
         typer.echo(json.dumps(result))
+    if failed:
+        print(f"error: {len(failed)} of {len(results)} inputs could not be predicted; see their \"error\" lines",
+              file=sys.stderr)
+        raise SystemExit(1)
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN")]) -> None:
+def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedDataOpt = None,
+           data_dir: MovedDataDirOpt = None) -> None:
     """Re-test a finished run and write its plots (plots/*.png) and report.html; prints the report's path."""
     from dlkit.evaluate.report import build_report
 
-    typer.echo(str(build_report(run_dir)))
+    typer.echo(str(build_report(run_dir, data_path=data, data_dir=data_dir)))
 
 
 @app.command()
@@ -140,7 +161,8 @@ def compare(
     per_run: Annotated[bool, typer.Option("--per-run", help="one row per run instead of per recipe")] = False,
 ) -> None:
     """One table over finished runs, grouped by recipe: mean ± std over seeds (95% interval from 3
-    runs), the seed's claim beside ours, params, train time and latency."""
+    runs), the seed's claim beside ours, params, train time and latency. Runs whose recipe.yaml
+    differ in more than the seed get rows of their own, labelled with the differing settings."""
     from dlkit.evaluate.compare import compare_rows, compare_runs, markdown_table
 
     table = markdown_table(compare_rows(runs)) if per_run else compare_runs(runs, fmt)

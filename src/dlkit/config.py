@@ -101,8 +101,6 @@ def _line(exc: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1}" if mark is not None else ""
 
 
-# Hugging Face text models: they bring their own tokenizer (the default, named here, when no weights are given)
-TEXT_MODELS = {"distilbert": "distilbert/distilbert-base-uncased@12040accade4e8a0f71eabdb258fecc2e7e948be"}
 
 
 class Strict(BaseModel):
@@ -306,16 +304,12 @@ class Recipe(Strict):
     expect: ExpectCfg = ExpectCfg()
 
     @model_validator(mode="after")
-    def _weights_preprocessing(self) -> Recipe:
-        """Pretrained weights bring their preprocessing: ImageNet mean/std on RGB, unless the recipe says otherwise."""
-        if self.model.name in TEXT_MODELS:
-            if self.data.text.tokenizer is None:
-                self.data.text.tokenizer = self.model.weights or TEXT_MODELS[self.model.name]
-        elif self.model.weights is not None:
-            if "normalize" not in self.data.model_fields_set:
-                self.data.normalize = "imagenet"
-            if self.data.channels is None:
-                self.data.channels = 3
+    def _no_weights(self) -> Recipe:
+        """`model.weights: none` (any case, or YAML null) is random initialisation: no weights. What
+        pretrained weights bring (their preprocessing, a hub model's tokenizer) depends on the model
+        family and is filled in by `dlkit.models.with_model_defaults`."""
+        if isinstance(self.model.weights, str) and self.model.weights.strip().lower() == "none":
+            self.model.weights = None
         return self
 
 

@@ -1,16 +1,19 @@
 """Prediction from a run's bundle alone: rebuild the model, prepare inputs as in training."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from dlkit.data.preprocess import prep_from_dict, read_input
+from dlkit.data.folders import IMAGE_SUFFIXES
+from dlkit.data.preprocess import ImagePrep, prep_from_dict, read_input
 from dlkit.engine.checkpoint import load_run_model
 from dlkit.engine.loop import predict_outputs
+from dlkit.errors import DlkitError, InputError
 from dlkit.evaluate.metrics import probabilities
 from dlkit.rundir import RunDir
 
@@ -49,14 +52,44 @@ class Predictor:
             })
         return results
 
-    def predict(self, sources: list[str]) -> list[dict[str, Any]]:
-        """One result per input example; a CSV of several rows gives one result per row."""
+    def predict(self, sources: list[str], *, errors: Literal["raise", "report"] = "raise") -> list[dict[str, Any]]:
+        """One result per input example; a CSV of several rows gives one result per row, and (image
+        models) a folder stands for the image files directly inside it, by name; other files skipped.
+
+        `errors="raise"`: the first input that cannot be read raises its one-line DlkitError (nothing
+        is returned). `errors="report"`: that input's result is `{"input": ..., "error": message}`,
+        in its place, and the other inputs are still predicted; an empty folder is such an error."""
         spec = prep_from_dict(self.bundle["preprocessing"])
         results = []
-        for source in sources:
-            x = read_input(source, spec)
-            rows = self.predict_tensor(x)
+        for source, problem in _expand(sources, isinstance(spec, ImagePrep)):
+            try:
+                if problem is not None:
+                    raise problem
+                rows = self.predict_tensor(read_input(source, spec))
+            except DlkitError as exc:
+                if errors == "raise":
+                    raise
+                results.append({"input": source, "error": str(exc)})
+                continue
             for i, row in enumerate(rows):
                 label = source if len(rows) == 1 else f"{source}:{i + 1}"
                 results.append({"input": label, **row})
         return results
+
+
+PREDICT_SUFFIXES = (*IMAGE_SUFFIXES, ".npy")  # what a folder given to an image model contributes
+
+
+def _expand(sources: list[str], images: bool) -> Iterator[tuple[str, InputError | None]]:
+    """(input, None) for each input, a folder (for an image model) replaced by its image files in
+    name order; (folder, its InputError) for a folder with none."""
+    for source in sources:
+        folder = Path(source).expanduser()
+        if not images or not folder.is_dir():
+            yield source, None
+            continue
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PREDICT_SUFFIXES and p.is_file())
+        if not files:
+            yield source, InputError(f"{source}: folder holds no image files ({', '.join(PREDICT_SUFFIXES)}); "
+                                     "give image files or a folder of them")
+        yield from ((str(Path(source) / name), None) for name in files)

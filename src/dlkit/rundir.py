@@ -124,7 +124,7 @@ class ClaimRow(_Spec):
     metric: str
     claimed: float
     achieved: float | None = None
-    status: str
+    status: str | None = None
 
 
 class ExpectSpec(_Spec):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from dlkit.engine.progress import PlainProgress, QuietProgress, make_progress
 from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
 from dlkit.errors import ConfigError, RunInterrupted, TrainingError
 from dlkit.evaluate.predictions import evaluation_notes, measure_test
-from dlkit.models import build_model, family, model_args
+from dlkit.models import build_model, family, model_args, with_model_defaults
 from dlkit.models.surface import DlkitModel
 from dlkit.recipes import load_recipe
 from dlkit.rundir import RunDir, check_out
@@ -54,15 +55,32 @@ def data_args(recipe: Recipe, data: DataBundle) -> dict[str, Any]:
 
 
 def load_pretrained(recipe: Recipe, model: nn.Module, progress: bool = False) -> str | None:
-    """Load `model.weights` (ImageNet or a file) into the model's base; the one-line report, or None."""
+    """Load `model.weights` (ImageNet or a file) into the model's base; the one-line report, or None.
+
+    With no weights (`none`: random initialisation) and a frozen base, the report is a warning, also
+    printed on stderr: the head would train on random features."""
     if recipe.model.weights is None:
-        return None
+        warning = _frozen_random_base(recipe)
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
+        return warning
     if family(recipe.model.name).hub_default:
         return model.load_report  # loaded with the model by build_model
     from dlkit.models.pretrained import load_into, load_state, source_name
 
     state = load_state(recipe.model.weights, recipe.model.name, progress=progress)
     return load_into(model, state, source_name(recipe.model.weights, recipe.model.name)).line()
+
+
+def _frozen_random_base(recipe: Recipe) -> str | None:
+    """The warning for a base that is frozen in some stage while it holds random weights, or None."""
+    train = recipe.train
+    frozen = [s.freeze or train.freeze for s in train.stages] if train.stages else [train.freeze]
+    if "base" not in frozen:
+        return None
+    where = "train.freeze: base" if not train.stages else "a stage freezes the base"
+    return (f"model.weights is none (random initialisation) but {where}: the head trains on random features; "
+            "set model.weights (e.g. imagenet) or train.freeze: none")
 
 
 def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainProgress | None = None,
@@ -74,6 +92,7 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     that fails or is interrupted loses nothing: `dlkit report RUN` writes it again. Ctrl-C or SIGTERM
     during training marks the run interrupted, keeps its last checkpoint and raises RunInterrupted."""
     report = report_default() if report is None else report
+    recipe = with_model_defaults(recipe)
     check_out(out, runs_root)
     if recipe.train.engine == "numpy":
         from dlkit.scratch_run import execute_numpy

@@ -126,6 +126,25 @@ def test_image_bundle_can_turn_grey_images_into_rgb_for_imagenet_models():
     assert prep_from_dict(b.preprocessing).channels == 3
 
 
+def test_digits_honour_data_channels_so_imagenet_normalisation_works():
+    grey = load_data(DataCfg(name="digits"), seed=0)
+    rgb = load_data(DataCfg(name="digits", channels=3, normalize="imagenet"), seed=0)
+    assert rgb.input_shape == (3, 28, 28) and rgb.preprocessing["channels"] == 3
+    assert rgb.preprocessing["mean"] == [0.485, 0.456, 0.406] and rgb.preprocessing["std"] == [0.229, 0.224, 0.225]
+    # each channel is the grey image, normalised with that channel's ImageNet statistics
+    for c, (mean, std) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        assert torch.allclose(rgb.train.x[:, c], (grey.train.x[:, 0] - mean) / std, atol=1e-6)
+
+
+def test_imagenet_normalisation_of_grey_digits_names_the_fix():
+    with pytest.raises(DataError) as exc:
+        load_data(DataCfg(name="digits", channels=1, normalize="imagenet"), seed=0)
+    assert str(exc.value) == ("data.normalize=imagenet needs RGB images but data.channels is 1: set data.channels=3 "
+                              "(grey is repeated), or data.normalize=scale to keep grey")
+    # following the advice works
+    assert load_data(DataCfg(name="digits", channels=3, normalize="imagenet"), seed=0).input_shape == (3, 28, 28)
+
+
 @pytest.mark.parametrize(("normalize", "channels", "size"), [("standard", 1, 24), ("imagenet", 3, 16)])
 def test_lazy_images_give_the_same_inputs_as_images_laid_out_in_advance(monkeypatch, normalize, channels, size):
     from dlkit.data import vision

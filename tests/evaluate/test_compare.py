@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dlkit.errors import ConfigError, RunDirError
 from dlkit.evaluate.compare import Stat, compare_rows, compare_runs, compare_table, load_runs, markdown_table, render
@@ -19,11 +20,13 @@ MNIST_CLAIM = {"source": "S0.1", "claims": [{"metric": "test_accuracy", "claimed
 
 
 def make_run(root: Path, name: str, recipe: str = "mnist-cnn", seed: int = 0, accuracy: float | None = 0.9,
-             **fields) -> Path:
-    """A finished run folder as RunDir.open checks it, with the summary fields a test chooses."""
+             settings: dict | None = None, **fields) -> Path:
+    """A finished run folder as RunDir.open checks it, with the summary fields a test chooses and a
+    recipe.yaml of its name, seed and `settings`."""
     path = root / name
     path.mkdir()
-    (path / "recipe.yaml").write_text(f"name: {recipe}\n", encoding="utf-8")
+    resolved = {"name": recipe, "seed": seed, **copy.deepcopy(settings or {})}
+    (path / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     (path / "bundle.json").write_text(json.dumps({"format": "dlkit-bundle/1"}), encoding="utf-8")
     (path / "model.safetensors").write_bytes(b"")
     summary = {"recipe": recipe, "seed": seed, "params": 1234, "train_seconds": 2.0, **copy.deepcopy(fields)}
@@ -32,6 +35,7 @@ def make_run(root: Path, name: str, recipe: str = "mnist-cnn", seed: int = 0, ac
         for claim in summary.get("expect", {}).get("claims", []):
             claim["achieved"] = accuracy
     (path / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    (path / "status.json").write_text(json.dumps({"state": "finished"}), encoding="utf-8")
     assert sorted(p.name for p in path.iterdir()) == sorted(REQUIRED)
     return path
 
@@ -131,6 +135,63 @@ def test_runs_sharing_a_seed_are_noted_not_refused(tmp_path):
     assert table.notes == ["2 runs of mnist-cnn share seed 0",
                            "runs of mnist-cnn differ in params (1,234, 99); showing the first"]
     assert render(table, "md").splitlines()[-3:] == ["", f"- {table.notes[0]}", f"- {table.notes[1]}"]
+
+
+def test_runs_whose_recipes_differ_in_more_than_the_seed_are_kept_apart(tmp_path):
+    # three seeds of digits-cnn at 2 epochs and one run made with --epochs 1: not four seeds
+    runs = seeds(tmp_path, "digits-cnn", [0.97, 0.98, 0.99], settings={"train": {"epochs": 2, "batch_size": 32}})
+    runs.append(make_run(tmp_path, "short", "digits-cnn", seed=3, accuracy=0.80,
+                         settings={"train": {"epochs": 1, "batch_size": 32}}))
+    table = compare_table(runs)
+    assert [(r.label, r.n, r.seeds) for r in table.rows] == [("digits-cnn (train.epochs=2)", 3, (0, 1, 2)),
+                                                             ("digits-cnn (train.epochs=1)", 1, (3,))]
+    assert table.notes == ["runs of digits-cnn differ in train.epochs: kept apart"]
+    lines = render(table, "md").splitlines()
+    assert [(r["recipe"], r["n"], r["accuracy"]) for r in md_rows("\n".join(lines))] == [
+        ("digits-cnn (train.epochs=2)", "3", "0.9800 ± 0.0100 [0.9552, 1.0000]"),
+        ("digits-cnn (train.epochs=1)", "1", "0.8000")]
+    assert lines[-2:] == ["", "- runs of digits-cnn differ in train.epochs: kept apart"]
+    rows = list(csv.DictReader(io.StringIO(render(table, "csv"))))
+    assert [(r["recipe"], r["variant"], r["n"], r["seeds"]) for r in rows] == [
+        ("digits-cnn", "train.epochs=2", "3", "0 1 2"), ("digits-cnn", "train.epochs=1", "1", "3")]
+    page = render(table, "html")
+    assert '<td class="col-recipe">digits-cnn (train.epochs=1)</td>' in page
+    assert '<td class="note" colspan="10">runs of digits-cnn differ in train.epochs: kept apart</td>' in page
+    # the per-run table stays one row per run
+    assert [r["seed"] for r in compare_rows(runs)] == ["0", "1", "2", "3"]
+
+
+def test_only_the_seed_may_differ_and_every_differing_field_is_named(tmp_path):
+    base = {"data": {"name": "digits", "augment": {"hflip": False}}, "model": {"name": "seed_cnn"},
+            "train": {"stages": [{"epochs": 2}, {"epochs": 3}]}}
+    other = copy.deepcopy(base)
+    other["data"]["augment"]["hflip"] = True
+    other["model"]["weights"] = "imagenet"
+    other["train"]["stages"][1]["epochs"] = 1
+    runs = [make_run(tmp_path, "a", seed=0, settings=base), make_run(tmp_path, "b", seed=7, settings=base),
+            make_run(tmp_path, "c", seed=0, settings=other)]
+    table = compare_table(runs)
+    assert [(r.label, r.seeds) for r in table.rows] == [
+        ("mnist-cnn (data.augment.hflip=false, train.stages.1.epochs=3, +1 more)", (0, 7)),
+        ("mnist-cnn (data.augment.hflip=true, train.stages.1.epochs=1, +1 more)", (0,))]
+    # fields in the order first seen; one only some runs set counts as null in the others
+    differ = "data.augment.hflip, train.stages.1.epochs, model.weights"
+    assert table.notes == [f"runs of mnist-cnn differ in {differ}: kept apart"]  # no shared-seed note: own seeds
+    three = compare_table(runs[:2] + [make_run(tmp_path, "d", seed=1, settings={**base, "model": {"name": "x"}})])
+    assert [r.label for r in three.rows] == ["mnist-cnn (model.name=seed_cnn)", "mnist-cnn (model.name=x)"]
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("name: [unclosed\n", "is not valid YAML at line 2; re-run the recipe"),
+    ("- just\n- a list\n", "holds no recipe mapping; re-run the recipe"),
+])
+def test_a_recipe_yaml_that_cannot_be_read_is_one_error_naming_it(tmp_path, content, problem):
+    good, bad = make_run(tmp_path, "good"), make_run(tmp_path, "bad")
+    (bad / "recipe.yaml").write_text(content, encoding="utf-8")
+    with pytest.raises(RunDirError) as err:
+        compare_runs([good, bad])
+    assert str(err.value) == f"{bad / 'recipe.yaml'} {problem}"
+    assert len(compare_rows([good, bad])) == 2  # the per-run table reads summaries only
 
 
 # ---- formats -------------------------------------------------------------------------------------------
@@ -235,7 +296,7 @@ def test_a_missing_or_incomplete_run_is_refused_with_rundirs_message(tmp_path):
 def test_a_summary_without_a_recipe_is_refused(tmp_path):
     run = make_run(tmp_path, "r")
     (run / "summary.json").write_text(json.dumps({"seed": 0}), encoding="utf-8")
-    with pytest.raises(RunDirError, match=f"^{re.escape(str(run / 'summary.json'))} names no recipe; re-run"):
+    with pytest.raises(RunDirError, match=f"^{re.escape(str(run / 'summary.json'))}: field 'recipe' is missing; re-run the recipe$"):
         compare_table([run])
 
 

@@ -66,7 +66,7 @@ def section(page: str, name: str) -> str:
 
 
 def copy_run(src: Path, dst: Path, keep: tuple[str, ...] = ("recipe.yaml", "bundle.json", "model.safetensors",
-                                                             "summary.json", "metrics.jsonl")) -> Path:
+                                                             "summary.json", "metrics.jsonl", "status.json")) -> Path:
     """A copy of a run directory holding only the files named in `keep`."""
     dst.mkdir()
     for name in keep:
@@ -254,7 +254,7 @@ def test_a_missing_or_unfinished_run_dir_is_one_clear_error(runs, tmp_path, entr
                                                                               "model.safetensors"))
     with pytest.raises(RunDirError) as err:
         entry(unfinished)
-    assert str(err.value) == f"{unfinished} is not a finished run (missing summary.json); re-run the recipe"
+    assert str(err.value) == f"{unfinished} is not a finished run (missing summary.json, status.json); re-run the recipe"
 
 
 def test_data_that_changed_since_training_are_refused(runs, tmp_path):
@@ -265,3 +265,58 @@ def test_data_that_changed_since_training_are_refused(runs, tmp_path):
         build_report(moved)
     assert str(err.value) == (f"the data loaded for {moved} differ from the data it was trained on "
                               "(files changed?); evaluate on the original data")
+
+
+def recipe_shown(page: str) -> dict:
+    """The recipe the page's Recipe section shows, parsed back."""
+    import yaml
+
+    return yaml.safe_load(html.unescape(section(page, "Recipe").split("<pre>", 1)[1].split("</pre>", 1)[0]))
+
+
+def test_the_recipe_dump_shows_only_the_settings_that_apply_to_the_kind_of_input(runs):
+    pages = {name: (runs[name] / "report.html").read_text(encoding="utf-8")
+             for name in ("digits-cnn", "breast-cancer-lstm", "tiny-text-lstm")}
+    image, tabular, tokens = (recipe_shown(p) for p in pages.values())
+    assert "text" not in image["data"] and image["data"]["augment"]["hflip"] is False
+    assert image["train"]["channels_last"] is True
+    for shown in (tabular, tokens):
+        assert not {"augment", "image_size", "channels", "bad_files"} & set(shown["data"])
+        assert "channels_last" not in shown["train"]
+    assert "text" not in tabular["data"] and tabular["data"]["normalize"] == "standard"
+    assert tokens["data"]["text"]["max_len"] > 0 and "normalize" not in tokens["data"]
+    notes = {name: re.findall(r'<p class="missing">Not shown: (.*?)</p>', section(p, "Recipe"))
+             for name, p in pages.items()}
+    assert notes == {
+        "digits-cnn": ["data.text (no effect on image data)."],
+        "breast-cancer-lstm": [("data.text, data.augment, data.bad_files, train.channels_last (no effect on tabular "
+                                "data).")],
+        "tiny-text-lstm": [("data.augment, data.normalize, data.bad_files, train.channels_last (no effect on tokens "
+                            "data).")],
+    }
+    # the Data section follows the same rule
+    assert "data.bad_files" not in section(pages["breast-cancer-lstm"], "Data")
+    assert "data.normalize" not in section(pages["tiny-text-lstm"], "Data")
+    assert "data.normalize" in section(pages["digits-cnn"], "Data")
+
+
+@pytest.mark.parametrize(("weights", "shown"), [
+    (None, "Seed CNN (random weights, frozen) on digits"),
+    ("imagenet", "Seed CNN (ImageNet, frozen) on digits"),
+])
+def test_a_run_from_random_weights_does_not_claim_imagenet(runs, tmp_path, weights, shown):
+    import yaml
+
+    copy = copy_run(runs["digits-cnn"], tmp_path / "copy")
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["description"] = "Seed CNN (ImageNet, frozen) on digits"
+    recipe["train"]["freeze"] = "base"
+    if weights is not None:
+        recipe["model"]["weights"] = weights
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    page = write_report(copy).read_text(encoding="utf-8")
+    assert page.split("<h2>", 1)[0].split("<h1>digits-cnn</h1>\n", 1)[1] == (
+        f"<p>{shown}</p>\n" + ("" if weights else
+                               '<p class="flag">This run starts from random weights (model.weights: none), not the '
+                               "ImageNet weights its recipe was written for; the description above says so.</p>\n"))
+    assert ("ImageNet, frozen" in page) is (weights is not None)

@@ -446,7 +446,8 @@ def test_missing_file_folder_and_unknown_suffix(tmp_path):
     with pytest.raises(DataError) as err:
         local_state(tmp_path / "nope.pth")
     assert str(err.value) == (
-        f"{tmp_path / 'nope.pth'}: weights file not found; set model.weights to a {accepted} file, or to 'imagenet'"
+        f"{tmp_path / 'nope.pth'}: weights file not found; set model.weights to a {accepted} file, to 'imagenet', "
+        "or to 'none' for random initial weights"
     )
     with pytest.raises(DataError, match="is not a file"):
         local_state(tmp_path)
@@ -550,3 +551,34 @@ def test_the_report_line_lists_new_and_unused_keys():
 
 def test_pretrained_does_not_need_torchvision():
     assert pretrained.IMAGENET is IMAGENET and "torchvision" not in sys.modules
+
+
+@pytest.mark.parametrize("overrides", [["model.weights=none"], ["model.weights=NONE"], ["model.weights=None"],
+                                       ["model.weights=null"], ["model.weights=~"]])
+def test_weights_none_is_random_initialisation_with_no_imagenet_preprocessing(overrides):
+    from dlkit.recipes import load_recipe
+
+    pretrained = load_recipe("mnist-mobilenetv2")
+    assert (pretrained.model.weights, pretrained.data.normalize, pretrained.data.channels) == ("imagenet", "imagenet", 3)
+    random = load_recipe("mnist-mobilenetv2", overrides)
+    assert (random.model.weights, random.data.normalize, random.data.channels) == (None, "scale", None)
+
+
+def test_a_frozen_base_with_random_weights_is_a_warning_not_an_error(capsys):
+    from dlkit.recipes import load_recipe
+    from dlkit.runner import load_pretrained
+
+    model = build("mlp", num_classes=10, input_shape=(1, 28, 28))
+    warning = ("model.weights is none (random initialisation) but train.freeze: base: the head trains on random "
+               "features; set model.weights (e.g. imagenet) or train.freeze: none")
+    frozen = load_recipe("digits-mlp", ["model.weights=none", "train.freeze=base"])
+    assert load_pretrained(frozen, model) == warning
+    assert capsys.readouterr().err == f"warning: {warning}\n"
+    staged = load_recipe("digits-mlp", ["model.weights=none", "train.stages=[{freeze: base}, {freeze: none}]"])
+    assert load_pretrained(staged, model).startswith("model.weights is none (random initialisation) but a stage "
+                                                     "freezes the base: ")
+    capsys.readouterr()
+    for trained in (load_recipe("digits-mlp", ["model.weights=none"]),
+                    load_recipe("digits-mlp", ["train.freeze=base", "train.stages=[{freeze: none}]"])):
+        assert load_pretrained(trained, model) is None  # the whole model trains: random weights are fine
+    assert capsys.readouterr().err == ""

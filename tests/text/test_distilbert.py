@@ -34,7 +34,7 @@ def test_a_two_logit_head_is_folded_into_one_logit_with_equal_probabilities(tiny
         p_theirs = torch.softmax(theirs(input_ids=ids, attention_mask=ids != 0).logits, dim=1)[:, 1]
     assert torch.allclose(p_ours, p_theirs, atol=1e-6)
     assert p_ours.max() - p_ours.min() > 0.3  # the tiny classifier's answers depend on the words
-    assert ours.report == f"distilbert: 40 of 40 tensors from {tiny_sst2}; its two-logit head folded into one logit"
+    assert ours.load_report == f"distilbert: 40 of 40 tensors from {tiny_sst2}; its two-logit head folded into one logit"
     assert ours.label_names == ["NEGATIVE", "POSITIVE"]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import dlkit
+from dlkit.models import family
 from dlkit import hub
 from dlkit.data.text import HubTokenizer
 from dlkit.errors import ConfigError
@@ -36,7 +37,7 @@ def test_packaged_text_recipes_pin_model_and_tokenizer_to_one_commit():
     assert sentiment.model.weights == SST2 and sentiment.data.text.tokenizer == SST2
     imdb = load_recipe("imdb-distilbert")
     assert imdb.model.weights == BASE and imdb.data.text.tokenizer == BASE
-    assert dlkit.config.TEXT_MODELS["distilbert"] == BASE  # the tokenizer of a distilbert without weights
+    assert family("distilbert").hub_default == BASE  # the tokenizer of a distilbert without weights
 
 
 def test_every_from_pretrained_call_passes_a_revision():
@@ -62,7 +63,7 @@ def offline_cache(hf_home, monkeypatch):
 
 def test_a_pinned_revision_loads_from_the_cache_and_an_unknown_one_is_one_line(offline_cache):
     model = build("distilbert", num_classes=1, input_shape=(16,), weights=f"{HUB_ID}@{CACHED}")
-    assert model.report == f"distilbert: 40 of 40 tensors from {HUB_ID}@{CACHED}; its two-logit head folded into one logit"
+    assert model.load_report == f"distilbert: 40 of 40 tensors from {HUB_ID}@{CACHED}; its two-logit head folded into one logit"
     tok = HubTokenizer.load(f"{HUB_ID}@{CACHED}", 16)
     assert tok.source == f"{HUB_ID}@{CACHED}" and tok.encode(["a great film"]).shape == (1, 16)
     with pytest.raises(ConfigError) as err:

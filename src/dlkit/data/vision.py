@@ -21,13 +21,15 @@ _CHUNK = 4096  # images resized per call, so a big resize never holds two full c
 
 @register_dataset("digits")
 def load_digits_bundle(cfg: DataCfg, seed: int) -> DataBundle:
-    """sklearn's 1797 8x8 digits scaled to [0, 1] and upscaled to the MNIST layout (28x28)."""
+    """sklearn's 1797 8x8 digits scaled to [0, 1] and upscaled to the MNIST layout (28x28); grey, or
+    repeated to RGB when data.channels is 3 (as ImageNet models need)."""
     digits = load_digits()
     x = (digits.images[:, None, :, :] / 16.0).astype(np.float32)
     source = "scikit-learn load_digits: 1797 8x8 greyscale digits (UCI optical recognition), 0..16 -> [0, 1]"
     classes = [str(i) for i in range(10)]
     return image_bundle(
-        x, digits.target, None, None, classes, cfg, seed, source, default_size=28, invert="auto"
+        x, digits.target, None, None, classes, cfg, seed, source, default_size=28, channels=cfg.channels,
+        invert="auto"
     )
 
 
@@ -127,7 +129,9 @@ def _set_normalisation(prep: ImagePrep, cfg: DataCfg, train_stats) -> None:
         prep.mean, prep.std = train_stats()
     elif cfg.normalize == "imagenet":
         if prep.channels != 3:
-            raise DataError("data.normalize=imagenet needs RGB images: set data.channels=3 (grey is repeated)")
+            # a loader that honours data.channels lands here only when the recipe asked for 1 channel
+            raise DataError(f"data.normalize=imagenet needs RGB images but data.channels is {prep.channels}: "
+                            "set data.channels=3 (grey is repeated), or data.normalize=scale to keep grey")
         prep.mean, prep.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 

@@ -1,9 +1,15 @@
-"""A results table over finished runs: one row per recipe, mean ± std over its seeds, beside the seed's claim."""
+"""A results table over finished runs: one row per recipe, mean ± std over its seeds, beside the seed's claim.
+
+Runs are averaged as seeds only when their resolved recipes (recipe.yaml) differ in `seed` alone;
+runs of one recipe made with other settings (`--epochs 1`, `--set ...`) get rows of their own,
+labelled with the settings that tell them apart, and a note says so.
+"""
 from __future__ import annotations
 
 import csv
 import html
 import io
+import json
 import math
 import statistics
 from collections import Counter
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from scipy import stats
 
 from dlkit.errors import ConfigError, RunDirError
@@ -24,6 +31,8 @@ TOLERANCE = 0.01  # 'met' when at most one point worse, the rule runner.expect_v
 COLUMNS = (("recipe", "recipe", False), ("n", "n", True), ("accuracy", "accuracy", True), ("f1", "F1", True),
            ("roc_auc", "ROC-AUC", True), ("claimed", "claimed", True), ("status", "vs claim", False),
            ("params", "params", True), ("train_s", "train time (s)", True), ("latency", "latency (ms/ex)", True))
+IGNORED_FIELDS = ("seed",)  # recipe fields that may differ between runs averaged together
+MAX_LABEL_FIELDS = 2  # differing settings spelled out in a row's label; the note names them all
 RUN_COLUMNS = ("recipe", "seed", "test_accuracy", "test_f1", "test_roc_auc", "claimed", "params", "train_s")
 
 
@@ -78,7 +87,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class Row:
-    """One recipe's runs, summarised."""
+    """One recipe's runs with the same settings but the seed, summarised."""
 
     recipe: str
     seeds: tuple[Any, ...]
@@ -87,11 +96,17 @@ class Row:
     params: int | None
     train_seconds: float | None
     latency_ms: float | None
+    variant: str = ""  # the settings telling these runs from the recipe's other rows, e.g. "train.epochs=1"
 
     @property
     def n(self) -> int:
         """How many runs the row is over."""
         return len(self.seeds)
+
+    @property
+    def label(self) -> str:
+        """The recipe, with its variant's settings when it has other rows: 'digits-cnn (train.epochs=1)'."""
+        return f"{self.recipe} ({self.variant})" if self.variant else self.recipe
 
 
 @dataclass(frozen=True)
@@ -104,26 +119,91 @@ class Table:
 
 def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """The summaries of the runs at `paths`, in order; a path given twice counts once."""
-    seen, summaries = set(), []
+    return [summary for _, summary in _open_runs(paths)]
+
+
+def _open_runs(paths: Sequence[str | Path]) -> list[tuple[RunDir, dict[str, Any]]]:
+    """The distinct runs at `paths` with their summaries, in order."""
+    seen, runs = set(), []
     for path in paths:
         key = Path(path).expanduser().resolve()
         if key in seen:
             continue
         seen.add(key)
-        summary = RunDir.open(path).summary()
-        if not isinstance(summary, dict) or "recipe" not in summary:
-            raise RunDirError(f"{Path(path).expanduser() / 'summary.json'} names no recipe; re-run the recipe")
-        summaries.append(summary)
-    return summaries
+        run = RunDir.open(path)
+        runs.append((run, run.summary()))  # checked: a summary without a recipe is refused there
+    return runs
 
 
 def compare_table(paths: Sequence[str | Path]) -> Table:
-    """One row per recipe over the distinct runs at `paths`."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for summary in load_runs(paths):
-        groups.setdefault(str(summary["recipe"]), []).append(summary)
-    return Table([_row(recipe, runs) for recipe, runs in groups.items()],
-                 [note for recipe, runs in groups.items() for note in _notes(recipe, runs)])
+    """One row per recipe and settings (all but the seed) over the distinct runs at `paths`."""
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for run, summary in _open_runs(paths):
+        groups.setdefault(str(summary["recipe"]), []).append((recipe_fields(run), summary))
+    rows, notes = [], []
+    for recipe, runs in groups.items():
+        variants: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []  # settings -> runs, first seen first
+        for fields, summary in runs:
+            same = next((members for settings, members in variants if settings == fields), None)
+            if same is None:
+                variants.append((fields, [summary]))
+            else:
+                same.append(summary)
+        differing = _differing([settings for settings, _ in variants])
+        if differing:
+            notes.append(f"runs of {recipe} differ in {', '.join(differing)}: kept apart")
+        for settings, members in variants:
+            row = _row(recipe, members, _variant(settings, differing))
+            rows.append(row)
+            notes += _notes(row.label, members)
+    return Table(rows, notes)
+
+
+def recipe_fields(run: RunDir) -> dict[str, Any]:
+    """The run's resolved recipe (recipe.yaml) as dotted keys, less the fields seeds may differ in."""
+    path = run.path / "recipe.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunDirError(f"{path} is unreadable ({exc.strerror}); re-run the recipe") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RunDirError(f"{path} is not valid YAML{where}; re-run the recipe") from None
+    if not isinstance(raw, dict):
+        raise RunDirError(f"{path} holds no recipe mapping; re-run the recipe")
+    return {k: v for k, v in _flatten(raw).items() if k not in IGNORED_FIELDS}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings and lists as {dotted.key: leaf} (list items by index, as --set names them)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None or not node:  # a leaf, or an empty section / list (kept, so [] differs from [x])
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(_flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+    return flat
+
+
+def _differing(settings: list[dict[str, Any]]) -> list[str]:
+    """The dotted keys whose values are not the same in every one of `settings`, in first-seen order."""
+    keys = list(dict.fromkeys(k for fields in settings for k in fields))
+    return [k for k in keys if len({_shown(fields.get(k)) for fields in settings}) > 1 or
+            any(k not in fields for fields in settings)]
+
+
+def _variant(settings: dict[str, Any], differing: list[str]) -> str:
+    """'train.epochs=1, train.batch_size=64, +1 more': a variant's values of the differing keys."""
+    parts = [f"{k}={_shown(settings.get(k))}" for k in differing[:MAX_LABEL_FIELDS]]
+    if len(differing) > MAX_LABEL_FIELDS:
+        parts.append(f"+{len(differing) - MAX_LABEL_FIELDS} more")
+    return ", ".join(parts)
+
+
+def _shown(value: Any) -> str:
+    """A recipe value as --set would take it: strings bare, others as JSON (null for unset)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def render(table: Table, fmt: Literal["md", "csv", "html"]) -> str:
@@ -162,16 +242,17 @@ def _claim(runs: list[dict[str, Any]]) -> Claim | None:
     return None
 
 
-def _row(recipe: str, runs: list[dict[str, Any]]) -> Row:
-    """The summary row of one recipe's runs."""
+def _row(recipe: str, runs: list[dict[str, Any]], variant: str = "") -> Row:
+    """The summary row of one recipe's runs with the same settings."""
     params = [run["params"] for run in runs if "params" in run]
     return Row(recipe, tuple(run.get("seed") for run in runs),
                {name: Stat.of(_values(runs, key)) for name, key in METRICS.items()}, _claim(runs),
-               params[0] if params else None, _mean(_values(runs, "train_seconds")), _mean(_values(runs, "latency_ms")))
+               params[0] if params else None, _mean(_values(runs, "train_seconds")), _mean(_values(runs, "latency_ms")),
+               variant)
 
 
 def _notes(recipe: str, runs: list[dict[str, Any]]) -> list[str]:
-    """Runs of one recipe sharing a seed, or differing in size (grouping is by recipe name only)."""
+    """Runs of one row sharing a seed, or differing in size (same recipe.yaml, other code or data)."""
     notes = [f"{count} runs of {recipe} share seed {seed}"
              for seed, count in Counter(run.get("seed") for run in runs).items() if count > 1]
     sizes = list(dict.fromkeys(run["params"] for run in runs if "params" in run))
@@ -212,7 +293,7 @@ def _claim_cells(claim: Claim | None) -> tuple[str, str]:
 def _cells(row: Row) -> dict[str, str]:
     """A row's display cells, keyed as COLUMNS."""
     claimed, status = _claim_cells(row.claim)
-    return {"recipe": row.recipe, "n": str(row.n), **{name: _stat_cell(s) for name, s in row.metrics.items()},
+    return {"recipe": row.label, "n": str(row.n), **{name: _stat_cell(s) for name, s in row.metrics.items()},
             "claimed": claimed, "status": status, "params": "-" if row.params is None else f"{row.params:,}",
             "train_s": "-" if row.train_seconds is None else f"{row.train_seconds:.1f}",
             "latency": _latency_cell(row.latency_ms)}
@@ -237,13 +318,14 @@ def _render_md(table: Table) -> str:
 
 
 def _render_csv(table: Table) -> str:
-    """One line per row, every number in its own column; no notes, so the file stays one table."""
+    """One line per row, every number in its own column; the settings a row differs in last (variant,
+    empty when its recipe has one row); no notes, so the file stays one table."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["recipe", "n", "seeds",
                      *(f"{m}_{part}" for m in METRICS for part in ("mean", "std", "ci_low", "ci_high")),
                      "claim_metric", "claimed", "claim_source", "claim_status", "claim_gap_points",
-                     "params", "train_seconds_mean", "latency_ms_mean"])
+                     "params", "train_seconds_mean", "latency_ms_mean", "variant"])
     for row in table.rows:
         numbers: list[float | None] = []
         for stat in row.metrics.values():
@@ -251,7 +333,7 @@ def _render_csv(table: Table) -> str:
         c = row.claim
         claim = [c.metric, c.claimed, c.source, c.status, c.gap_points] if c is not None else [None] * 5
         writer.writerow([row.recipe, row.n, " ".join(map(str, row.seeds)), *numbers, *claim,
-                         row.params, row.train_seconds, row.latency_ms])
+                         row.params, row.train_seconds, row.latency_ms, row.variant])
     return out.getvalue()
 
 

@@ -52,12 +52,14 @@ def write_plots(run_dir: str | Path, model: nn.Module | None = None, data: DataB
 
 
 def build_report(run_dir: str | Path, model: nn.Module | None = None, data: DataBundle | None = None,
-                 predictions: TestPredictions | None = None) -> Path:
+                 predictions: TestPredictions | None = None, *, data_path: str | Path | None = None,
+                 data_dir: str | Path | None = None) -> Path:
     """evaluation.json, plots/ and report.html for a run, from one pass over the test split.
 
     A caller that has just tested the model passes its `predictions` (with the model and data)
-    and the test split is not run again."""
-    run, model, data = load_run(run_dir, model, data)
+    and the test split is not run again. `data_path` / `data_dir`: where the run's data are now,
+    when they moved (checked against the data fingerprint all the same)."""
+    run, model, data = load_run(run_dir, model, data, data_path=data_path, data_dir=data_dir)
     plots_folder(run)
     _write_plots(run, model, data, _evaluate(run, model, data, predictions))
     return write_report(run.path)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from dlkit.files import write_atomic
 from dlkit.rundir import RunDir
@@ -32,6 +35,16 @@ PLOT_CAPTIONS = {
     "token_importance": "Token importance by occlusion: the drop in the predicted class's probability when a token "
                         "is replaced by the unknown-word id (green: supports the prediction, red: against it).",
 }
+# recipe settings that do nothing for a kind of input (the bundle's input_kind), left out of the page:
+# only image loaders read image_size / channels / bad_files / augment, only text loaders data.text,
+# tabular and image data are normalised (text is not), and channels_last concerns conv layers on images
+NOT_APPLICABLE = {
+    "image": ("data.text",),
+    "tabular": ("data.text", "data.augment", "data.image_size", "data.channels", "data.bad_files",
+                "train.channels_last"),
+    "tokens": ("data.augment", "data.image_size", "data.channels", "data.normalize", "data.bad_files",
+               "train.channels_last"),
+}
 SECTIONS = ("Summary", "Claim vs ours", "Plots", "Per-class metrics", "Recipe", "Environment", "Data")
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -50,24 +63,63 @@ def write_report(run_dir: str | Path) -> Path:
     run = RunDir.open(run_dir)
     summary, bundle, recipe = run.summary(), run.bundle(), run.recipe()
     evaluation = run.read_json("evaluation.json") if (run.path / "evaluation.json").is_file() else None
+    left_out = NOT_APPLICABLE.get(bundle.get("input_kind"), ())
+    description, weights_note = _description(recipe.description, recipe.model.weights)
     bodies = {
         "Summary": _summary(summary),
         "Claim vs ours": _claims(summary.get("expect") or {}),
         "Plots": _plots(run.path / "plots"),
         "Per-class metrics": _per_class(evaluation, bundle),
-        "Recipe": f"<pre>{_esc((run.path / 'recipe.yaml').read_text(encoding='utf-8'))}</pre>",
+        "Recipe": _recipe(run.path / "recipe.yaml", left_out, bundle.get("input_kind"), description),
         "Environment": _table([*bundle.get("versions", {}).items(), ("device", summary.get("device")),
                                ("precision", summary.get("precision")), ("seed", summary.get("seed")),
                                ("created", summary.get("created"))]),
-        "Data": _data(recipe.data.model_dump(exclude_none=True), bundle, summary),
+        "Data": _data(_without(recipe.data.model_dump(exclude_none=True), left_out, "data."), bundle, summary),
     }
     title = f"dlkit report: {recipe.name}"
     page = (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_esc(title)}</title>\n"
             f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{_esc(recipe.name)}</h1>\n"
-            f"<p>{_esc(recipe.description)}</p>\n"
+            f"<p>{_esc(description)}</p>\n{weights_note}"
             + "".join(f"<h2>{_esc(name)}</h2>\n{bodies[name]}\n" for name in SECTIONS)
             + "</body>\n</html>\n")
     return write_atomic(run.path / "report.html", lambda f: f.write(page.encode("utf-8")))
+
+
+def _description(text: str, weights: str | None) -> tuple[str, str]:
+    """The recipe's description, and a flag paragraph when it had to be corrected: a run with random
+    initial weights (model.weights: none) of a recipe written for ImageNet's must not claim them."""
+    if weights is not None or not re.search(r"imagenet", text, re.IGNORECASE):
+        return text, ""
+    note = ("This run starts from random weights (model.weights: none), not the ImageNet weights its recipe "
+            "was written for; the description above says so.")
+    return re.sub(r"imagenet", "random weights", text, flags=re.IGNORECASE), f'<p class="flag">{_esc(note)}</p>\n'
+
+
+def _recipe(path: Path, left_out: tuple[str, ...], kind: str | None, description: str) -> str:
+    """recipe.yaml as run, less the settings that do not apply to the run's kind of input (named below
+    it), with the description as the page corrected it."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):  # not a mapping: shown as it is
+        return f"<pre>{_esc(path.read_text(encoding='utf-8'))}</pre>"
+    shown = {section: _without(value, left_out, f"{section}.") if isinstance(value, dict) else value
+             for section, value in raw.items()}
+    if "description" in shown:
+        shown["description"] = description
+    dropped = [key for key in left_out if _has(raw, key)]
+    note = (f"<p class=\"missing\">Not shown: {', '.join(dropped)} (no effect on {kind} data).</p>"
+            if dropped else "")
+    return f"<pre>{_esc(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True))}</pre>{note}"
+
+
+def _without(section: dict[str, Any], left_out: tuple[str, ...], prefix: str) -> dict[str, Any]:
+    """`section` less the keys that `left_out` names under `prefix` (e.g. 'data.')."""
+    return {k: v for k, v in section.items() if f"{prefix}{k}" not in left_out}
+
+
+def _has(raw: dict[str, Any], dotted: str) -> bool:
+    """Whether the two-level key `dotted` (section.field) is in `raw`."""
+    section, _, field = dotted.partition(".")
+    return isinstance(raw.get(section), dict) and field in raw[section]
 
 
 def _esc(value: Any) -> str:

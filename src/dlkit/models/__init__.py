@@ -97,6 +97,26 @@ def model_args(name: str) -> list[str]:
     return [p for p in params if p not in DATA_ARGS]
 
 
+def with_model_defaults(recipe: Recipe) -> Recipe:
+    """The recipe with the defaults its model family brings, as a new Recipe (the argument untouched):
+    a Hugging Face family reads text with its checkpoint's tokenizer (`model.weights`, else the
+    family's default checkpoint); other pretrained weights bring ImageNet's preprocessing (mean/std
+    on RGB) unless the recipe sets normalize / channels itself. Applying it twice changes nothing."""
+    data, default = recipe.data, family(recipe.model.name).hub_default
+    update: dict[str, Any] = {}
+    if default is not None:
+        if data.text.tokenizer is None:
+            update["text"] = data.text.model_copy(update={"tokenizer": recipe.model.weights or default})
+    elif recipe.model.weights is not None:
+        if "normalize" not in data.model_fields_set:
+            update["normalize"] = "imagenet"
+        if data.channels is None:
+            update["channels"] = 3
+    if not update:
+        return recipe
+    return recipe.model_copy(update={"data": data.model_copy(update=update)})
+
+
 def build_model(recipe: Recipe, num_outputs: int, input_shape: tuple[int, ...],
                 data_args: dict[str, Any] | None = None) -> nn.Module:
     """The recipe's model, shaped for the data, with its new head if the recipe gives one.

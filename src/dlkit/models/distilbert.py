@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from dlkit.errors import ConfigError
-from dlkit.config import TEXT_MODELS
 from dlkit.models import Family, register_model
 from dlkit.models.surface import ModelSurface
 
@@ -131,7 +130,11 @@ def load_hub_model(source: str, num_classes: int) -> TextTransformer:
     return TextTransformer(model.eval(), int(config.pad_token_id or 0), line, names)
 
 
-@register_model("distilbert", Family(hub_default=TEXT_MODELS["distilbert"]))
+# the checkpoint whose tokenizer a distilbert without model.weights reads, pinned to one commit
+DEFAULT_CHECKPOINT = "distilbert/distilbert-base-uncased@12040accade4e8a0f71eabdb258fecc2e7e948be"
+
+
+@register_model("distilbert", Family(hub_default=DEFAULT_CHECKPOINT))
 def distilbert(
     num_classes: int = 2,
     input_shape: tuple[int, ...] = (128,),

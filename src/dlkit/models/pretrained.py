@@ -193,10 +193,11 @@ def local_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in a local .safetensors or weights-only PyTorch file (.pth, .pt, .bin, .ckpt)."""
     path = Path(path).expanduser()
     accepted = f"{', '.join(_TORCH_SUFFIXES)} (PyTorch, weights only) or {_SAFETENSORS_SUFFIX}"
+    choices = f"set model.weights to a {accepted} file, to 'imagenet', or to 'none' for random initial weights"
     if not path.exists():
-        raise DataError(f"{path}: weights file not found; set model.weights to a {accepted} file, or to 'imagenet'")
+        raise DataError(f"{path}: weights file not found; {choices}")
     if not path.is_file():
-        raise DataError(f"{path} is not a file; set model.weights to a {accepted} file, or to 'imagenet'")
+        raise DataError(f"{path} is not a file; {choices}")
     suffix = path.suffix.lower()
     if suffix == _SAFETENSORS_SUFFIX:
         return _as_state(_safetensors_load(path), path)

@@ -114,10 +114,13 @@ def adhoc_recipe(model: str, data: str, overrides: list[str] | tuple[str, ...] =
 
 
 def _finish(raw: dict[str, Any], seed: int | None, fields: dict[str, Any] | None, origin: str) -> Recipe:
-    """Apply `--seed` and the named CLI fields (None = not given), then validate."""
+    """Apply `--seed` and the named CLI fields (None = not given), validate, and fill in what the
+    model family brings (a hub model's tokenizer, pretrained weights' preprocessing)."""
+    from dlkit.models import with_model_defaults
+
     if seed is not None:
         raw["seed"] = seed
     for dotted, value in (fields or {}).items():
         if value is not None:
             set_path(raw, dotted, value)
-    return parse_recipe(raw, origin=origin)
+    return with_model_defaults(parse_recipe(raw, origin=origin))
