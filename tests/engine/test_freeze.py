@@ -13,7 +13,7 @@ from dlkit.engine.feature_cache import build_cache
 from dlkit.engine.freeze import base_blocks, keras_layers, param_groups, set_trainable, train_mode
 from dlkit.engine.runtime import seed_everything
 from dlkit.errors import ConfigError
-from dlkit.models import build
+from dlkit.models import build, with_model_defaults
 
 CPU = torch.device("cpu")
 HEAD = {"pool": "avg", "hidden": [16], "dropout": 0.3}
@@ -219,8 +219,11 @@ def test_a_head_on_a_model_that_builds_its_own_is_refused():
 
 def test_weights_bring_imagenet_preprocessing_unless_the_recipe_says_otherwise():
     base = {"name": "r", "data": {"name": "mnist"}, "model": {"name": "mobilenet_v2", "weights": "imagenet"}}
-    recipe = parse_recipe(base)
+    given = parse_recipe(base)
+    recipe = with_model_defaults(given)
     assert (recipe.data.normalize, recipe.data.channels) == ("imagenet", 3)
-    explicit = parse_recipe(base | {"data": {"name": "mnist", "normalize": "scale", "channels": 1}})
+    assert (given.data.normalize, given.data.channels) == ("scale", None)  # a new recipe; the given one as it was
+    assert with_model_defaults(recipe) == recipe  # twice changes nothing
+    explicit = with_model_defaults(parse_recipe(base | {"data": {"name": "mnist", "normalize": "scale", "channels": 1}}))
     assert (explicit.data.normalize, explicit.data.channels) == ("scale", 1)
-    assert parse_recipe(base | {"model": {"name": "mobilenet_v2"}}).data.normalize == "scale"
+    assert with_model_defaults(parse_recipe(base | {"model": {"name": "mobilenet_v2"}})).data.normalize == "scale"
