@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import digit_images  # noqa: E402
-
-from dlkit.config import OptimizerCfg, TrainCfg  # noqa: E402
-from dlkit.data import DataBundle, TensorSplit  # noqa: E402
-from dlkit.engine import fit  # noqa: E402
-from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything  # noqa: E402
-from dlkit.models import build  # noqa: E402
+from dlkit.config import OptimizerCfg, TrainCfg
+from dlkit.data import DataBundle, TensorSplit
+from dlkit.engine import fit
+from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
+from dlkit.models import build
+from synthetic import digit_images
 
 SIZE, HEAD = 160, {"pool": "avg", "hidden": [128], "dropout": 0.3}
 

@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference import plain_loop_seconds  # noqa: E402
-
-from dlkit.data import DataBundle, TensorSplit  # noqa: E402
-from dlkit.data.transforms import make_augment  # noqa: E402
-from dlkit.engine import fit  # noqa: E402
-from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything  # noqa: E402
-from dlkit.models import build  # noqa: E402
-from dlkit.recipes import load_recipe  # noqa: E402
+from dlkit.data import DataBundle, TensorSplit
+from dlkit.data.transforms import make_augment
+from dlkit.engine import fit
+from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
+from dlkit.models import build
+from dlkit.recipes import load_recipe
+from reference import plain_loop_seconds
 
 
 class PaddedCropFlip(torch.utils.data.Dataset):

@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference import plain_loop_seconds  # noqa: E402
-from synthetic import digit_images  # noqa: E402
-
-from dlkit.data import DataBundle, TensorSplit  # noqa: E402
-from dlkit.engine import fit, predict_outputs  # noqa: E402
-from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything  # noqa: E402
-from dlkit.models import build  # noqa: E402
-from dlkit.recipes import load_recipe  # noqa: E402
+from dlkit.data import DataBundle, TensorSplit
+from dlkit.engine import fit, predict_outputs
+from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
+from dlkit.models import build
+from dlkit.recipes import load_recipe
+from reference import plain_loop_seconds
+from synthetic import digit_images
 
 
 def keras_order_cnn() -> nn.Sequential:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-
 # Runs skip their report (plots + report.html, about 2 s each) unless a test asks for one with
 # run(..., report=True) or `dlkit run --report`; tests/evaluate and the end-to-end tests check it.
 os.environ["DLKIT_REPORT"] = "0"

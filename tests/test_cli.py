@@ -393,7 +393,8 @@ def test_compare_per_run_prints_a_markdown_table(tmp_path, lstm_run, cnn_run):
         assert row["test_accuracy"] == f"{summary['test_accuracy']:.4f}"
         assert row["params"] == f"{summary['params']:,}"
     assert rows[0]["recipe"] == "breast-cancer-lstm" and rows[0]["claimed"] == "accuracy 0.97, f1 0.96, roc_auc 0.99"
-    assert rows[1]["recipe"] == "digits-cnn" and rows[1]["test_roc_auc"] == f"{read_json(cnn_run / 'summary.json')['test_roc_auc']:.4f}"
+    cnn_auc = read_json(cnn_run / "summary.json")["test_roc_auc"]
+    assert rows[1]["recipe"] == "digits-cnn" and rows[1]["test_roc_auc"] == f"{cnn_auc:.4f}"
     assert rows[1]["params"] == "225,034"
 
 

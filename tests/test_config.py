@@ -175,9 +175,9 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
     assert config_error(str(path)) == f"recipe file {path} must hold a YAML mapping with data, model and train"
-    assert str(pytest.raises(ConfigError, parse_recipe, [1, 2]).value) == (
-        "recipe: a recipe must be a YAML mapping with data, model and train"
-    )
+    with pytest.raises(ConfigError) as info:
+        parse_recipe([1, 2])
+    assert str(info.value) == "recipe: a recipe must be a YAML mapping with data, model and train"
 
 
 def test_missing_yaml_path_and_missing_required_field(tmp_path):

@@ -8,10 +8,9 @@ from dlkit.data import DATASETS, data_shape
 from dlkit.engine.freeze import set_trainable
 from dlkit.engine.loop import resolve_stages
 from dlkit.errors import ConfigError, did_you_mean
-from dlkit.models import MODELS, model_args
+from dlkit.models import MODELS, build_model, model_args
 from dlkit.models.summary import ModelSummary, summarize
 from dlkit.recipes import load_recipe, recipe_registry, recipe_source
-from dlkit.models import build_model
 
 KINDS = ("recipes", "models", "datasets")
 
@@ -63,6 +62,7 @@ def describe_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
     shape = data_shape(recipe.data)
     model = build_model(recipe, shape.num_outputs, shape.input_shape)
     first = resolve_stages(recipe.train)[0]
-    set_trainable(model, first.freeze, first.unfreeze, "train.stages.0" if recipe.train.stages else "train")  # trainable counts as the first stage trains
+    # trainable counts as the first stage trains
+    set_trainable(model, first.freeze, first.unfreeze, "train.stages.0" if recipe.train.stages else "train")
     summary = summarize(model, shape.input_shape, dtype=model.input_dtype)
     return RecipeDescription(recipe.name, recipe.model.name, shape.input_shape, shape.num_outputs, summary)

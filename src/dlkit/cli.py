@@ -147,7 +147,8 @@ def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedD
 @app.command()
 def explain(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
             image: Annotated[str, typer.Argument(metavar="IMAGE", help="An image file.")],
-            out: Annotated[Path | None, typer.Option("-o", "--out", help="PNG to write (default: IMAGE.gradcam.png)")] = None) -> None:
+            out: Annotated[Path | None, typer.Option(
+                "-o", "--out", help="PNG to write (default: IMAGE.gradcam.png)")] = None) -> None:
     """Grad-CAM: the heat map of where a conv model looked, over the image; prints the predicted class."""
     from dlkit.explain import explain_image
 

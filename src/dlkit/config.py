@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dlkit.errors import ConfigError, did_you_mean
 
-
 # A recipe is a few hundred YAML nodes. Aliases are shared when read but copied when the recipe is
 # merged and validated, so nine levels of ten aliases (a 700-byte "billion laughs") would become 10^9
 # nodes: the expanded count is bounded before anything is built. Recursion and file size are bounded too.

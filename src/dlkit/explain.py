@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from dlkit.data.inputs import read_image
 from dlkit.data.preprocess import ImagePrep, prep_from_dict
 from dlkit.errors import InputError
-from dlkit.files import check_output_file
 from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, save_overlay
+from dlkit.files import check_output_file
 from dlkit.predict import Predictor
 
 DISPLAY = 224  # smallest side of the picture written, in pixels

@@ -8,10 +8,10 @@ Hub ids cannot hold an `@`, so the suffix never clashes with a name; local folde
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 import os
 import socket
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 

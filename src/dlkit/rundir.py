@@ -151,8 +151,8 @@ class SummarySpec(_Spec):
     def _metrics_are_numbers(cls, raw: Any) -> Any:
         if isinstance(raw, dict):
             for key, value in raw.items():
-                if key.startswith("test_") and not (value is None or isinstance(value, (int, float))
-                                                    and not isinstance(value, bool)):
+                if key.startswith("test_") and not (value is None or (isinstance(value, (int, float))
+                                                    and not isinstance(value, bool))):
                     raise ValueError(f"'{key}' must be a number, got {value!r}")
         return raw
 

@@ -16,7 +16,7 @@ from dlkit.engine.loop import resolve_stages
 from dlkit.engine.outcome import RunResult, complete_run, guarded
 from dlkit.engine.progress import PlainProgress, QuietProgress, make_progress
 from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
-from dlkit.errors import ConfigError, RunInterrupted, TrainingError
+from dlkit.errors import ConfigError, RunInterrupted
 from dlkit.evaluate.predictions import evaluation_notes, measure_test
 from dlkit.models import build_model, family, model_args, with_model_defaults
 from dlkit.models.surface import DlkitModel

@@ -8,8 +8,8 @@ import io
 import re
 import socket
 import struct
-import tarfile
 import sys
+import tarfile
 import threading
 import time
 import zipfile
@@ -36,7 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
     """GET /<mode>/<name>: ok serves the file, wrong other bytes, drop half of it and hangs up, slow one
     byte every 20 ms (until the client hangs up or the server stops), 404 not found."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         self.server.hits.append(self.path)
         self.server.agents.append(self.headers.get("User-Agent"))
         mode, _, name = self.path.strip("/").partition("/")
@@ -109,7 +109,8 @@ def _closed_port_url() -> str:
 
 
 def _parts(folder: Path) -> list[Path]:
-    return list(folder.glob("*.part")) if folder.exists() else []
+    """Temporaries a download left behind (dlkit.files names them .<name>.<random>.tmp)."""
+    return list(folder.glob(".*.tmp")) if folder.exists() else []
 
 
 def test_cache_dir_follows_xdg_and_falls_back_to_home(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def official(archive, monkeypatch) -> Path:
 class _Handler(BaseHTTPRequestHandler):
     """GET /aclImdb_v1.tar.gz serves the server's body; anything else is 404."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         self.server.hits.append(self.path)
         if self.path != f"/{imdb.ARCHIVE.name}":
             self.send_error(404)

@@ -4,7 +4,14 @@ import torch
 from dlkit.config import AugmentCfg
 from dlkit.data.preprocess import ImagePrep
 from dlkit.data.transforms import (
-    affine_theta, colour_jitter, hflip, make_augment, resize, to_channels, translate_flip, warp,
+    affine_theta,
+    colour_jitter,
+    hflip,
+    make_augment,
+    resize,
+    to_channels,
+    translate_flip,
+    warp,
 )
 from dlkit.errors import ConfigError
 

@@ -7,8 +7,7 @@ import torch
 
 from dlkit.config import OptimizerCfg, StageCfg, TrainCfg, UnfreezeCfg, parse_recipe
 from dlkit.data.bundle import DataBundle, TensorSplit
-from dlkit.engine import Callback, FitState, fit
-from dlkit.engine import feature_cache
+from dlkit.engine import Callback, FitState, feature_cache, fit
 from dlkit.engine.feature_cache import build_cache
 from dlkit.engine.freeze import base_blocks, keras_layers, param_groups, set_trainable, train_mode
 from dlkit.engine.runtime import seed_everything

@@ -8,8 +8,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, log_loss,
-                             precision_recall_fscore_support, roc_auc_score, top_k_accuracy_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    top_k_accuracy_score,
+)
 
 from dlkit.errors import InputError
 from dlkit.evaluate.metrics import classification_metrics

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 import dlkit
-from dlkit.models import family
 from dlkit import hub
 from dlkit.data.text import HubTokenizer
 from dlkit.errors import ConfigError
-from dlkit.models import build
+from dlkit.models import build, family
 from dlkit.recipes import load_recipe
 
 HUB_ID = "dlkit-test/tiny-sst2"  # the hf_home fixture's hub id

@@ -20,11 +20,12 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from dlkit import __version__
 from dlkit.config import DataCfg
 from dlkit.errors import DataError
+from dlkit.files import write_atomic
 
 _CHUNK = 1 << 20
 _USER_AGENT = f"dlkit/{__version__} (Python-urllib/{sys.version_info.major}.{sys.version_info.minor})"
@@ -101,14 +102,12 @@ class FetchError(DataError):
 def _fetch_one(url: str, remote: RemoteFile, dest_dir: Path, timeout: float, deadline: float) -> Path:
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise ValueError("only http and https URLs are fetched")
-    # a unique .part per attempt, so two processes (torchrun ranks) never write into one file
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f"{remote.name}.", suffix=".part")
-    part = Path(tmp)
-    try:
+
+    def stream(out: BinaryIO) -> None:
         h, received = hashlib.sha256(), 0
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         end = time.monotonic() + deadline
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=min(timeout, deadline)) as resp:
+        with urllib.request.urlopen(request, timeout=min(timeout, deadline)) as resp:
             length = resp.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
             # read1 returns what has arrived (read(n) waits for all n bytes), so the deadline is checked
@@ -127,11 +126,10 @@ def _fetch_one(url: str, remote: RemoteFile, dest_dir: Path, timeout: float, dea
             raise DataError(f"connection dropped after {received} of {expected} bytes")
         if h.hexdigest() != remote.sha256:
             raise DataError(f"sha256 mismatch (got {h.hexdigest()[:12]}..., expected {remote.sha256[:12]}...)")
-        final = dest_dir / remote.name
-        os.replace(part, final)
-        return final
-    finally:
-        part.unlink(missing_ok=True)
+
+    # streamed into a unique temporary beside the target (two torchrun ranks never share one), which
+    # only a complete, verified download replaces the target with
+    return write_atomic(dest_dir / remote.name, stream)
 
 
 def _reason(exc: BaseException) -> str:

@@ -120,7 +120,7 @@ def _top_up(counts: np.ndarray, exact: np.ndarray, active: np.ndarray) -> None:
             if not swaps:
                 continue
 
-            def worst(swap: tuple[int, int]) -> float:
+            def worst(swap: tuple[int, int], c: int = c, k: int = k) -> float:
                 d, o = swap
                 return max(
                     abs(counts[c, d] - 1 - exact[c, d]),

@@ -220,7 +220,8 @@ class _Run:
         trainable = set_trainable(self.model, stage.freeze, stage.unfreeze, where)
         model, train, val, cached = self.model, self.train, self.val, False
         if stage.freeze == "base" and stage.unfreeze is None and stage.epochs and cfg.cache_features == "auto":
-            # training-size batches: at 512 a conv base's activations outgrow the CPU caches (measured 2.3x slower for MobileNetV2 at 160 px)
+            # training-size batches: at 512 a conv base's activations outgrow the CPU caches
+            # (measured 2.3x slower for MobileNetV2 at 160 px)
             cache, why = stage_cache(self.model, cache, self.train, self.val, self.augment, self.device,
                                      self.precision, cfg.batch_size)
             if why:

@@ -20,7 +20,6 @@ from dlkit.data import DataBundle
 from dlkit.data.bundle import TensorSplit
 from dlkit.data.text import TextPrep
 from dlkit.errors import RunDirError, RunInterrupted
-from dlkit.files import write_json
 from dlkit.evaluate import plots
 from dlkit.evaluate.explain_text import MAX_TOKENS, mask_id, occlusion_importance, token_names
 from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, overlay
@@ -28,6 +27,7 @@ from dlkit.evaluate.predictions import TestPredictions, predict_test
 from dlkit.evaluate.report_html import PLOT_CAPTIONS, write_report
 from dlkit.evaluate.retest import load_run
 from dlkit.evaluate.stream import Evaluation
+from dlkit.files import write_json
 from dlkit.rundir import RunDir
 
 MAX_CAM_IMAGES = 8

@@ -178,7 +178,7 @@ class MetricStream:
         c, shape = self.num_classes, tuple(logits.shape)
         z, y = logits.detach().cpu().double(), y.detach().cpu()
         if self.task == "binary":
-            if z.dim() not in (1, 2) or z.dim() == 2 and z.shape[1] != 1:
+            if z.dim() not in (1, 2) or (z.dim() == 2 and z.shape[1] != 1):
                 raise InputError(f"binary logits must have shape (N,) or (N, 1), one sigmoid logit each; got {shape}")
             z = z.reshape(-1)
         elif z.dim() != 2 or z.shape[1] != c:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from dlkit.models import MODELS
+from dlkit.models import register_model
 from dlkit.models.surface import Classifier
 from dlkit.models.torchvision_layout import TorchvisionLayout, conv_groups, image_channels
 
@@ -56,7 +56,7 @@ class AlexNet(TorchvisionLayout):
         return list(conv_groups(self.features))
 
 
-@MODELS.register("alexnet")
+@register_model("alexnet")
 def alexnet(num_classes: int = 1000, input_shape: tuple[int, ...] = (3, 224, 224), dropout: float = 0.5) -> AlexNet:
     """torchvision's AlexNet: 5 convs, 3 dense; 61,100,840 params at 1000 classes."""
     return AlexNet(num_classes, image_channels(input_shape, 63, "AlexNet"), dropout)
@@ -113,7 +113,7 @@ def five_conv_net(
     return Classifier(nn.Sequential(*blocks), head, cam_layer=f"features.{len(blocks) - 1}")
 
 
-@MODELS.register("alexnet32")
+@register_model("alexnet32")
 def alexnet32(
     num_classes: int = 10,
     input_shape: tuple[int, ...] = (3, 32, 32),
@@ -133,7 +133,7 @@ def alexnet32(
     )
 
 
-@MODELS.register("zfnet")
+@register_model("zfnet")
 def zfnet(
     num_classes: int = 10,
     input_shape: tuple[int, ...] = (3, 32, 32),

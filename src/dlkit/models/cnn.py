@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from dlkit.errors import ConfigError
-from dlkit.models import MODELS
+from dlkit.models import register_model
 from dlkit.models.surface import Classifier
 
 
@@ -68,7 +68,7 @@ def valid_side(size: int, pool: bool) -> int:
     return size // 2 if pool else size
 
 
-@MODELS.register("seed_cnn")
+@register_model("seed_cnn")
 def seed_cnn(
     num_classes: int = 10,
     input_shape: tuple[int, ...] = (1, 28, 28),
@@ -79,7 +79,7 @@ def seed_cnn(
     return seed_family((32, 64), (True, True), 128, num_classes, input_shape, batch_norm, dropout)
 
 
-@MODELS.register("seed_cnn3")
+@register_model("seed_cnn3")
 def seed_cnn3(
     num_classes: int = 10,
     input_shape: tuple[int, ...] = (1, 28, 28),

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from dlkit.models import MODELS
+from dlkit.models import register_model
 from dlkit.models.surface import Classifier
 from dlkit.models.torchvision_layout import image_channels
 
@@ -33,7 +33,7 @@ def lenet_block(in_channels: int, out_channels: int, padding: int, pool: bool) -
     return nn.Sequential(OrderedDict(parts))
 
 
-@MODELS.register("lenet")
+@register_model("lenet")
 def lenet(num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)) -> Classifier:
     """S1.3: LeNet-5 with relu and average pooling; 61,706 params on 28x28x1 (see the module docstring)."""
     in_channels = image_channels(input_shape, 28, "lenet")

@@ -15,7 +15,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dlkit.errors import ConfigError, did_you_mean
-from dlkit.models import MODELS
+from dlkit.models import register_model
 from dlkit.models.surface import Classifier
 
 
@@ -104,7 +104,7 @@ def recurrent_cell(name: str) -> type[nn.RNNBase]:
     return cells[name]
 
 
-@MODELS.register("lstm")
+@register_model("lstm")
 def lstm(
     num_classes: int = 1,
     input_shape: tuple[int, ...] = (30,),

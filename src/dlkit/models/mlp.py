@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from dlkit.errors import ConfigError, did_you_mean
-from dlkit.models import MODELS
+from dlkit.models import register_model
 from dlkit.models.surface import Classifier
 
 
@@ -21,7 +21,7 @@ def activation_layer(name: str) -> nn.Module:
     return layers[name]()
 
 
-@MODELS.register("mlp")
+@register_model("mlp")
 def mlp(
     num_classes: int = 10,
     input_shape: tuple[int, ...] = (1, 28, 28),

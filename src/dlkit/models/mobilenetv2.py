@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dlkit.models import MODELS
+from dlkit.models import register_model
 from dlkit.models.torchvision_layout import TorchvisionLayout, image_channels
 
 # (expansion t, output channels c, repeats n, first stride s) of the paper's Table 2
@@ -87,7 +87,7 @@ class MobileNetV2(TorchvisionLayout):
         return list(self.features)
 
 
-@MODELS.register("mobilenet_v2")
+@register_model("mobilenet_v2")
 def mobilenet_v2(
     num_classes: int = 1000,
     input_shape: tuple[int, ...] = (3, 224, 224),

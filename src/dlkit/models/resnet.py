@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlkit.errors import ConfigError
-from dlkit.models import MODELS
+from dlkit.models import register_model
 from dlkit.models.torchvision_layout import TorchvisionLayout, image_channels
 
 
@@ -173,28 +173,28 @@ class ResNet(TorchvisionLayout):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
-@MODELS.register("resnet20")
+@register_model("resnet20")
 def resnet20(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), shortcut: str = "A") -> ResNet:
     """S1.7: the paper's 20-layer CIFAR ResNet (n=3); 269,722 params at 10 classes (272,474 with shortcut B)."""
     channels = image_channels(input_shape, 1, "resnet20")
     return ResNet(BasicBlock, (3, 3, 3), (16, 32, 64), num_classes, channels, cifar_stem=True, shortcut=shortcut)
 
 
-@MODELS.register("resnet56")
+@register_model("resnet56")
 def resnet56(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), shortcut: str = "A") -> ResNet:
     """S1.7: the paper's 56-layer CIFAR ResNet (n=9); 853,018 params at 10 classes."""
     channels = image_channels(input_shape, 1, "resnet56")
     return ResNet(BasicBlock, (9, 9, 9), (16, 32, 64), num_classes, channels, cifar_stem=True, shortcut=shortcut)
 
 
-@MODELS.register("resnet18")
+@register_model("resnet18")
 def resnet18(num_classes: int = 1000, input_shape: tuple[int, ...] = (3, 224, 224)) -> ResNet:
     """torchvision's ResNet-18 (basic blocks 2-2-2-2); 11,689,512 params at 1000 classes."""
     channels = image_channels(input_shape, 1, "resnet18")
     return ResNet(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), num_classes, channels)
 
 
-@MODELS.register("resnet50")
+@register_model("resnet50")
 def resnet50(num_classes: int = 1000, input_shape: tuple[int, ...] = (3, 224, 224)) -> ResNet:
     """torchvision's ResNet-50 (bottlenecks 3-4-6-3); 25,557,032 params at 1000 classes."""
     channels = image_channels(input_shape, 1, "resnet50")

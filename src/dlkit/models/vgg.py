@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from dlkit.models import MODELS
+from dlkit.models import register_model
 from dlkit.models.torchvision_layout import TorchvisionLayout, conv_groups, image_channels
 
 # torchvision's configurations "A" (11 layers) and "D" (16 layers); "M" is a 2x2 max-pool
@@ -69,19 +69,19 @@ def build_vgg(config: str, batch_norm: bool, num_classes: int, input_shape: Sequ
     return VGG(vgg_trunk(CONFIGS[config], in_channels, batch_norm), num_classes, dropout)
 
 
-@MODELS.register("vgg11")
+@register_model("vgg11")
 def vgg11(num_classes: int = 1000, input_shape: tuple[int, ...] = (3, 224, 224), dropout: float = 0.5) -> VGG:
     """VGG-11 (configuration A): 8 convs, 3 dense; 132,863,336 params at 1000 classes."""
     return build_vgg("A", False, num_classes, input_shape, dropout)
 
 
-@MODELS.register("vgg16")
+@register_model("vgg16")
 def vgg16(num_classes: int = 1000, input_shape: tuple[int, ...] = (3, 224, 224), dropout: float = 0.5) -> VGG:
     """VGG-16 (configuration D): 13 convs, 3 dense; 138,357,544 params at 1000 classes."""
     return build_vgg("D", False, num_classes, input_shape, dropout)
 
 
-@MODELS.register("vgg16_bn")
+@register_model("vgg16_bn")
 def vgg16_bn(num_classes: int = 1000, input_shape: tuple[int, ...] = (3, 224, 224), dropout: float = 0.5) -> VGG:
     """VGG-16 with batch norm after each conv; 138,365,992 params at 1000 classes."""
     return build_vgg("D", True, num_classes, input_shape, dropout)
