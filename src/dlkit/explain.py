@@ -27,7 +27,7 @@ def explain_image(run_dir: str | Path, source: str, out: str | Path | None = Non
     if not isinstance(spec, ImagePrep):
         raise InputError(f"dlkit explain draws Grad-CAM over images; the model of {run_dir} reads "
                          f"{predictor.bundle['input_kind']} (its report shows what it attends to)")
-    shown = spec.layout(read_image(source, spec.channels))  # what the model sees, before normalisation
+    shown = spec.layout(read_image(source, spec.channels, spec.size))  # what the model sees, before normalisation
     cam = gradcam(predictor.model, spec.normalise(shown))
     best = int(cam.predicted[0])
     label, confidence = predictor.classes[best], float(cam.probabilities[0, best])

@@ -196,3 +196,15 @@ def test_an_image_folder_skips_a_huge_picture_with_the_same_reason(tmp_path, cap
         load_data(DataCfg(name="image_folder", path=str(tmp_path / "pets"), image_size=8, bad_files="fail",
                           test_split=0.34), 0)
     assert str(err.value).startswith("dog/huge.png: 12000x12000 = 144,000,000 pixels is more than the 40 megapixels")
+
+
+def test_predict_reads_a_large_jpeg_as_the_image_folder_loader_does(tmp_path):
+    from dlkit.data.preprocess import ImagePrep, read_input
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (1600, 1200, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    spec = ImagePrep(channels=3, size=(64, 64))
+    as_trained = spec.layout(read_image(str(tmp_path / "big.jpg"), 3, spec.size))  # data/folders.py's call
+    full = spec.layout(read_image(str(tmp_path / "big.jpg"), 3))
+    assert read_input(str(tmp_path / "big.jpg"), spec).equal(spec.normalise(as_trained))
+    assert not as_trained.equal(full)  # the reduction is real: decoding in full gives other pixels

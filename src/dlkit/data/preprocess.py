@@ -132,7 +132,7 @@ def read_input(source: str, spec: ImagePrep | TablePrep | TextPrep) -> Tensor:
     if isinstance(spec, TextPrep):
         return spec.apply([read_text(source)])
     if isinstance(spec, ImagePrep):
-        return spec.apply(read_image(source, spec.channels))
+        return spec.apply(read_image(source, spec.channels, spec.size))  # reduced while decoding, as in training
     return spec.apply(read_table(source, spec.feature_names))
 
 
