@@ -2,6 +2,7 @@
 its official IDX files, made from real handwritten digits."""
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+
+from dlkit.data.mnist_layout import mnist_layout
 
 # Runs skip their report (plots + report.html, about 2 s each) unless a test asks for one with
 # run(..., report=True) or `dlkit run --report`; tests/evaluate and the end-to-end tests check it.
@@ -34,14 +37,17 @@ def idx_file(path: Path, array: np.ndarray) -> None:
 
 
 def digit_images(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Real handwritten digits (sklearn's 8x8 scans) enlarged into 28x28 uint8 frames, like MNIST."""
-    digits = load_digits()
+    """Real handwritten digits (sklearn's 8x8 scans) laid out in 28x28 uint8 frames as MNIST's are (the
+    ink's box scaled to 20 pixels, centred by mass: dlkit's one `mnist_layout`)."""
+    digits = _digits()
     idx = (np.arange(n) + offset) % len(digits.target)
-    small = digits.images[idx] / 16.0
-    big = np.kron(small, np.ones((3, 3)))  # 24x24, nearest-neighbour
-    frames = np.zeros((n, 28, 28))
-    frames[:, 2:26, 2:26] = big
-    return (frames * 255).astype(np.uint8), digits.target[idx].astype(np.uint8)
+    frames = np.stack([mnist_layout(digits.images[i] / 16.0) for i in idx])
+    return np.round(frames * 255).astype(np.uint8), digits.target[idx].astype(np.uint8)
+
+
+@functools.cache
+def _digits():
+    return load_digits()
 
 
 @pytest.fixture(scope="session")

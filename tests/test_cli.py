@@ -311,7 +311,7 @@ def test_predictor_raises_on_a_bad_input_unless_asked_to_report_it(tmp_path, cnn
     from dlkit.predict import Predictor
 
     predictor = Predictor.from_run(cnn_run)
-    good = str(_save_grey(np.zeros((8, 8)), tmp_path / "good.png"))
+    good = str(_save_grey(np.rint(load_digits().images[7] * 255 / 16), tmp_path / "good.png"))  # not blank: no note
     with pytest.raises(InputError, match="^nope.png: file not found"):
         predictor.predict([good, "nope.png"])
     reported = predictor.predict([good, "nope.png"], errors="report")

