@@ -26,20 +26,25 @@ class DataShape:
 
 @dataclass(frozen=True)
 class DataSource:
-    """A registered data set: its loader and, for data that may not be on disk, its shape."""
+    """A registered data set: its loader, for data that may not be on disk its shape, and a line
+    saying what it is (`dlkit list datasets`)."""
 
     load: Loader
     shape: Callable[[DataCfg], DataShape] | None = None
+    description: str | None = None
 
 
 DATASETS: Registry[DataSource] = Registry("dataset")
 
 
-def register_dataset(name: str, shape: Callable[[DataCfg], DataShape] | None = None) -> Callable[[Loader], Loader]:
-    """Decorator registering a loader; give `shape` when the data may be absent (downloads)."""
+def register_dataset(name: str, shape: Callable[[DataCfg], DataShape] | None = None, *,
+                     description: str | None = None) -> Callable[[Loader], Loader]:
+    """Decorator registering a loader; give `shape` when the data may be absent (downloads). Write
+    `description` as a string literal (or a module-level string constant): `dlkit list` reads it from
+    the source without importing the loader (dlkit.registry.declared)."""
 
     def add(load: Loader) -> Loader:
-        DATASETS.add(name, DataSource(load, shape))
+        DATASETS.add(name, DataSource(load, shape, description))
         return load
 
     return add
