@@ -168,6 +168,7 @@ def _summary(summary: dict[str, Any]) -> str:
             ("examples (train / val / test)", f"{_fmt(get('n_train'))} / {_fmt(get('n_val'))} / {_fmt(get('n_test'))}"),
             ("parameters (trainable)", f"{_fmt(get('params'))} ({_fmt(get('trainable_params'))})"),
             ("train time (s)", get("train_seconds")), ("epochs run", get("epochs_run")),
+            ("weights tested", get("tested_weights") or "—"),
             ("latency (ms per example, batch of 1)", get("latency_ms")),
             ("device", get("device")), ("precision", get("precision")), ("seed", get("seed"))]
     notes = get("notes") or []
@@ -180,6 +181,8 @@ def _claims(expect: dict[str, Any]) -> str:
     claims = expect.get("claims") or []
     if not claims:
         return _missing("The recipe states no claim to compare with.")
+    # the claim's training-set size beside ours: a claim made on 60,000 images is not matched on 4,000
+    sizes = f"<p>Training set: {_esc(expect['training_set'])}.</p>" if expect.get("training_set") else ""
     unmet = [c for c in claims if c.get("status") != "met"]
     mark = {c["metric"]: "✓ met" if c.get("status") == "met" else f"✗ {c.get('status')}" for c in claims}
     rows = [(c["metric"], c.get("claimed"), c.get("achieved"), c.get("delta"), mark[c["metric"]]) for c in claims]
@@ -188,7 +191,7 @@ def _claims(expect: dict[str, Any]) -> str:
                else f"<p class=\"ok\">✓ all {len(claims)} claims met.</p>")
     table = _table(rows, ("metric", "claimed", "ours", "ours − claimed", "status"),
                    ["unmet" if c.get("status") != "met" else "" for c in claims])
-    return f"<p>{_esc(source)}</p>{verdict}{table}"
+    return f"<p>{_esc(source)}</p>{sizes}{verdict}{table}"
 
 
 def _plots(folder: Path) -> str:
