@@ -130,6 +130,11 @@ def test_the_report_says_which_weights_were_tested_and_the_claims_training_set(r
     line = f"trained on {summary['n_train']:,} of the claim's 60,000 examples"
     assert summary["expect"]["training_set"] == line
     assert f"<p>Training set: {html.escape(line)}.</p>" in section(page, "Claim vs ours")
+    lat = {k: summary[k] for k in ("latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_passes")}
+    assert lat["latency_ms_p10"] <= lat["latency_ms"] <= lat["latency_ms_p90"] and lat["latency_passes"] >= 9
+    assert (f"<tr><td>latency (ms per example, batch of 1)</td><td>{lat['latency_ms']:.4g} median "
+            f"(p10 {lat['latency_ms_p10']:.4g}, p90 {lat['latency_ms_p90']:.4g}; {lat['latency_passes']} passes)</td></tr>"
+            in section(page, "Summary"))
 
 
 @pytest.mark.parametrize("name", ["digits-cnn", "breast-cancer-lstm", "tiny-text-lstm", "scratch-mlp"])

@@ -160,7 +160,7 @@ def _missing(text: str) -> str:
 def _summary(summary: dict[str, Any]) -> str:
     """Test metrics, then size, cost and run settings; the run's notes below."""
     skip = {"n_train", "n_val", "n_test", "params", "trainable_params", "train_seconds", "epochs_run", "seed",
-            "latency_ms"}
+            "latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_passes"}
     metrics = [(k, v) for k, v in summary.items()
                if isinstance(v, int | float) and not isinstance(v, bool) and k not in skip]
     get = summary.get
@@ -169,11 +169,20 @@ def _summary(summary: dict[str, Any]) -> str:
             ("parameters (trainable)", f"{_fmt(get('params'))} ({_fmt(get('trainable_params'))})"),
             ("train time (s)", get("train_seconds")), ("epochs run", get("epochs_run")),
             ("weights tested", get("tested_weights") or "—"),
-            ("latency (ms per example, batch of 1)", get("latency_ms")),
+            ("latency (ms per example, batch of 1)", _latency(summary)),
             ("device", get("device")), ("precision", get("precision")), ("seed", get("seed"))]
     notes = get("notes") or []
     listed = "<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>" if notes else ""
     return _table(rows, ("", "value")) + listed
+
+
+def _latency(summary: dict[str, Any]) -> str:
+    """`0.21 median (p10 0.2, p90 0.34; 50 passes)`; a run from before the spread was kept: the median."""
+    median = summary.get("latency_ms")
+    if median is None or summary.get("latency_ms_p10") is None:
+        return _fmt(median)
+    return (f"{_fmt(median)} median (p10 {_fmt(summary['latency_ms_p10'])}, p90 {_fmt(summary['latency_ms_p90'])}; "
+            f"{summary.get('latency_passes')} passes)")
 
 
 def _claims(expect: dict[str, Any]) -> str:
