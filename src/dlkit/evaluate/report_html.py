@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from dlkit.evaluate.plots import MIN_BIN_COUNT
 from dlkit.files import write_atomic
 from dlkit.rundir import RunDir
 
@@ -27,7 +28,9 @@ PLOT_CAPTIONS = {
                             "recall on the diagonal.",
     "roc": "ROC curves on the test split, with their AUC.",
     "pr": "Precision-recall curves on the test split, with average precision.",
-    "reliability": "Reliability diagram: accuracy against confidence; the gap to the diagonal is miscalibration.",
+    "reliability": ("Reliability diagram: accuracy per confidence bin; the red line from each bar to its bin's mean "
+                    f"confidence is the miscalibration. Bins of fewer than {MIN_BIN_COUNT} test examples are faded: "
+                    "too few to judge."),
     "class_distribution": "Examples per class in each split.",
     "samples": "The first test examples: true / predicted (confidence); mistakes in red.",
     "confident_mistakes": "The test mistakes the model made with the highest confidence.",
