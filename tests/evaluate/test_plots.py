@@ -183,8 +183,9 @@ def test_reliability_shows_accuracy_per_bin_the_diagonal_and_the_counts():
     fig = plots.figure_reliability(bins, ece=0.0423)
     top, bottom = fig.axes
     assert top.get_title() == "Reliability diagram (ECE 0.042)"
-    assert sorted(legend_texts(top)) == ["accuracy", "fewer than 10 examples", "gap to mean confidence",
-                                         "perfect calibration"]
+    assert legend_texts(top) == ["accuracy", "gap to mean confidence", "perfect calibration",
+                                 "fewer than 10 examples"]
+    assert [h.get_alpha() for h in top.get_legend().legend_handles] == [None, None, None, 0.25]
     accuracy_bars = top.containers[0]
     np.testing.assert_allclose([b.get_height() for b in accuracy_bars], [0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     # the bin of 3 examples is faded, in the bars and in the histogram; the others are whole
@@ -330,6 +331,28 @@ def test_gradcam_grid_shows_each_overlay_with_its_caption():
     assert [len(ax.images) for ax in fig.axes] == [1] * 5 + [0] * 3
     with pytest.raises(ValueError, match="5 overlays but 4 captions"):
         plots.figure_gradcam_grid(overlays, ["x"] * 4)
+
+
+def test_long_gradcam_captions_wrap_inside_their_panel_and_the_figure():
+    overlays = [np.zeros((28, 28, 3), dtype=np.uint8) for _ in range(6)]
+    captions = ["American Staffordshire terrier / Staffordshire bullterrier (87%)",
+                "golden retriever / golden retriever (99%)", "7 / 1 (51%)",
+                "averyveryverylongclassnamewithoutspaces / x (3%)", "cat / dog (60%)", "a / b (50%)"]
+    fig = plots.figure_gradcam_grid(overlays, captions)
+    fig.canvas.draw()
+    renderer, whole = fig.canvas.get_renderer(), fig.bbox
+    boxes = []
+    for ax, caption in zip(fig.axes, captions):
+        text = ax.title.get_text()
+        assert "".join(text.split()) == "".join(caption.split())  # every letter kept, in order
+        assert max(len(line) for line in text.splitlines()) <= plots.CAPTION_CHARS
+        box = ax.title.get_window_extent(renderer)
+        assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1
+        boxes.append(box)
+    for i, a in enumerate(boxes):  # no caption runs into another
+        assert not any(a.overlaps(b) for b in boxes[i + 1:])
+    assert plots.wrap_caption("7 / 1 (51%)") == "7 / 1 (51%)"
+    assert plots.wrap_caption("golden retriever / labrador (87%)") == "golden retriever /\nlabrador (87%)"
 
 
 # saving

@@ -7,6 +7,7 @@ tensors work too). Train, val and test keep the same colours in every plot.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from dlkit.files import write_atomic
@@ -210,23 +213,26 @@ def figure_reliability(bins: list[dict], ece: float, min_count: int = MIN_BIN_CO
     full = count > 0
     acc = np.array([b["accuracy"] if b["accuracy"] is not None else np.nan for b in bins], dtype=float)
     conf = np.array([b["confidence"] if b["confidence"] is not None else np.nan for b in bins], dtype=float)
-    bars = top.bar(lower[full], acc[full], width[full], align="edge", color=SPLIT_COLORS["train"],
-                   edgecolor="white", label="accuracy")
+    bars = top.bar(lower[full], acc[full], width[full], align="edge", color=SPLIT_COLORS["train"], edgecolor="white")
     few = count[full] < min_count
     for bar, faded in zip(bars, few):
         bar.set_alpha(0.25 if faded else 1.0)
     centre = (lower + width / 2)[full]
-    gap = top.vlines(centre, acc[full], conf[full], color=MISTAKE_COLOR, linewidth=2, label="gap to mean confidence")
+    gap = top.vlines(centre, acc[full], conf[full], color=MISTAKE_COLOR, linewidth=2)
     top.hlines(conf[full], centre - width[full] / 4, centre + width[full] / 4, color=MISTAKE_COLOR, linewidth=2)
     gap.set_alpha([0.3 if f else 1.0 for f in few])
-    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    if few.any():  # a legend entry that says what the faded bars are
-        top.bar([0], [0], 0, color=SPLIT_COLORS["train"], alpha=0.25, label=f"fewer than {min_count} examples")
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    # the legend's own handles: taken from the bars, a faded first bin would fade the 'accuracy' swatch
+    handles = [Patch(color=SPLIT_COLORS["train"], label="accuracy"),
+               Line2D([], [], color=MISTAKE_COLOR, linewidth=2, label="gap to mean confidence"),
+               Line2D([], [], color="grey", linestyle="--", label="perfect calibration")]
+    if few.any():
+        handles.append(Patch(color=SPLIT_COLORS["train"], alpha=0.25, label=f"fewer than {min_count} examples"))
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.set_title(f"Reliability diagram (ECE {ece:.3f})")
-    top.legend(loc="upper left", fontsize="small")
+    top.legend(handles=handles, loc="upper left", fontsize="small")
     hist = bottom.bar(lower, count, width, align="edge", color="grey", edgecolor="white")
     for bar, c in zip(hist, count):
         bar.set_alpha(0.35 if 0 < c < min_count else 1.0)
@@ -394,16 +400,33 @@ def figure_loss_curve(losses: dict[str, Sequence[float]], ylabel: str = "loss", 
     return fig
 
 
+GRID_PANEL_INCHES = 2.6  # a Grad-CAM panel's width; captions wrap to it
+CAPTION_CHARS = 24  # characters a 9-point line holds across one panel
+
+
 def figure_gradcam_grid(overlays: Sequence[Any], captions: Sequence[str], title: str = "Grad-CAM") -> Figure:
-    """Ready-made heat-map overlays (H,W,3 uint8) in a grid, each with its caption."""
+    """Ready-made heat-map overlays (H,W,3 uint8) in a grid, each with its caption wrapped to the panel's
+    width (a long class name would otherwise run into the next panel, or off the figure's edge)."""
     if len(overlays) != len(captions):
         raise ValueError(f"{len(overlays)} overlays but {len(captions)} captions")
     rows, cols = _grid(len(overlays), max_cols=4)
-    fig = new_figure(2.6 * cols, 2.8 * rows + 0.4)
+    wrapped = [wrap_caption(c) for c in captions]
+    lines = max((w.count("\n") + 1 for w in wrapped), default=1)
+    fig = new_figure(GRID_PANEL_INCHES * cols, (2.4 + 0.17 * lines) * rows + 0.4)
     fig.suptitle(title, parse_math=False)
     for i, ax in enumerate(fig.subplots(rows, cols, squeeze=False).ravel()):
         ax.set_axis_off()
         if i < len(overlays):
             ax.imshow(np.asarray(overlays[i]))
-            ax.set_title(captions[i], fontsize=9, parse_math=False)
+            ax.set_title(wrapped[i], fontsize=9, parse_math=False)
     return fig
+
+
+def wrap_caption(caption: str, width: int = CAPTION_CHARS) -> str:
+    """`caption` in lines of at most `width` characters, broken after ' / ' or at spaces where it can."""
+    if len(caption) <= width:
+        return caption
+    lines: list[str] = []
+    for part in caption.replace(" / ", " /\n").split("\n"):
+        lines += textwrap.wrap(part, width, break_on_hyphens=False) or [""]
+    return "\n".join(lines)
