@@ -519,7 +519,7 @@ USER_ERRORS = [
     UserError("evaluate-no-run", ("evaluate", "missing-run"), "run directory missing-run not found"),
     UserError("evaluate-incomplete-run", ("evaluate", "incomplete"), "incomplete is not a finished run"),
     UserError("unknown-option", ("run", "digits-mlp", "--bogus"), "No such option: --bogus"),
-    UserError("missing-argument", ("run",), "Missing argument 'recipe'"),
+    UserError("missing-argument", ("run",), "Missing argument 'RECIPE'"),
     UserError("predict-no-input", ("predict", "{mlp}"), "Missing argument 'INPUT...'"),
     UserError("out-not-empty", ("run", "digits-mlp", "--epochs", "1", "--out", "taken"),
               "--out taken already exists and is not an empty folder"),
