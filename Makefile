@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/resnet_speed.py
 	$(BIN)/python benchmarks/feature_cache.py

@@ -120,6 +120,80 @@ def test_list_one_kind(tmp_path, kind, expected):
         assert re.fullmatch(r"\s+mlp\s+args: hidden, dropout, activation", mlp)
 
 
+LIGHT_COMMANDS = [("--version",), ("--help",), ("list", "recipes"), ("list", "models"), ("list", "datasets"),
+                  ("list",), ("run", "--help")]
+
+
+@pytest.mark.parametrize("args", LIGHT_COMMANDS, ids=" ".join)
+def test_light_commands_import_neither_torch_nor_sklearn(tmp_path, args):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dlkit", *args], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "dlkit.cli" in imported  # the log is read right
+    assert {"torch", "sklearn", "matplotlib"} & imported == set()
+
+
+def test_version(tmp_path):
+    import dlkit
+
+    assert ok("--version", cwd=tmp_path) == f"dlkit {dlkit.__version__}\n" == "dlkit 0.1.0\n"
+
+
+def test_the_listing_index_equals_the_registries():
+    """`dlkit list` reads names, arguments and descriptions from the source; the registries are the truth."""
+    from dlkit.catalog import declared_datasets, declared_models
+    from dlkit.data import DATASETS
+    from dlkit.models import MODELS, model_args
+
+    assert [d.name for d in declared_models()] == MODELS.names()
+    assert {d.name: list(d.args) for d in declared_models()} == {n: model_args(n) for n in MODELS.names()}
+    assert [d.name for d in declared_datasets()] == DATASETS.names()
+    assert {d.name: d.description for d in declared_datasets()} == {n: DATASETS.get(n).description for n in DATASETS}
+
+
+def test_the_index_reads_descriptions_given_as_literals_or_constants(tmp_path, monkeypatch):
+    from dlkit import registry
+
+    folder = tmp_path / "dlkit" / "fake"
+    folder.mkdir(parents=True)
+    (folder / "one.py").write_text(
+        'ABOUT = "Ten digits, one constant"\n'
+        '@register_dataset("b", description=ABOUT)\ndef load_b(cfg, seed): ...\n'
+        '@register_dataset("a", shape=None, description="Literal" " joined")\ndef load_a(cfg, seed): ...\n'
+        '@register_model("m")\ndef m(num_classes=2, input_shape=(1,), width=4, *, depth=2): ...\n')
+    monkeypatch.setattr(registry, "__file__", str(tmp_path / "dlkit" / "registry.py"))
+    registry.declared.cache_clear()
+    try:
+        assert registry.declared("dlkit.fake", "register_dataset") == (
+            registry.Declared("a", "dlkit.fake.one", ("cfg", "seed"), "Literal joined"),
+            registry.Declared("b", "dlkit.fake.one", ("cfg", "seed"), "Ten digits, one constant"))
+        assert registry.declared("dlkit.fake", "register_model") == (
+            registry.Declared("m", "dlkit.fake.one", ("width", "depth"), None),)
+    finally:
+        registry.declared.cache_clear()
+
+
+def help_text(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dlkit", *args, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_help_shows_what_options_mean_not_their_types():
+    text = help_text("run")
+    for tag in ("<bool>", "<list[str]>", "<int range>", "[x>=1]", "<int>", "<str>  ", "<path>"):
+        assert tag not in text.split("Options:")[1], tag
+    assert "  --set FIELD=VALUE       Override a recipe field: FIELD=VALUE (repeatable).\n" in text
+    assert "  --seeds N               Run N seeds (the recipe's, then the next ones) and\n" in text
+    assert "  -q, --quiet             No progress output.\n" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for command in ("train", "describe", "evaluate", "predict", "report", "explain", "compare", "list"):
+        options = help_text(command).split("Options:")[1]
+        assert not re.search(r"<[a-z\[\] ]+>", options), (command, options)
+
+
 def test_describe_prints_the_layer_table(tmp_path):
     lines = ok("describe", "digits-cnn", cwd=tmp_path).splitlines()
     assert lines[0] == "recipe digits-cnn: model seed_cnn, input (1, 28, 28), 10 outputs"
@@ -445,10 +519,11 @@ USER_ERRORS = [
     UserError("evaluate-no-run", ("evaluate", "missing-run"), "run directory missing-run not found"),
     UserError("evaluate-incomplete-run", ("evaluate", "incomplete"), "incomplete is not a finished run"),
     UserError("unknown-option", ("run", "digits-mlp", "--bogus"), "No such option: --bogus"),
-    UserError("missing-argument", ("run",), "Missing argument 'recipe'"),
+    UserError("missing-argument", ("run",), "Missing argument 'RECIPE'"),
     UserError("predict-no-input", ("predict", "{mlp}"), "Missing argument 'INPUT...'"),
     UserError("out-not-empty", ("run", "digits-mlp", "--epochs", "1", "--out", "taken"),
               "--out taken already exists and is not an empty folder"),
+    UserError("seeds-below-one", ("run", "digits-mlp", "--seeds", "0"), "--seeds must be 1 or more, got 0"),
     UserError("list-unknown-kind", ("list", "wrongthing"),
               "cannot list 'wrongthing'; choose recipes, models, datasets or all"),
 ]

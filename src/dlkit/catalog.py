@@ -1,16 +1,20 @@
-"""What dlkit has: recipes, models and data sets to list, and a recipe's model to describe."""
+"""What dlkit has: recipes, models and data sets to list, and a recipe's model to describe.
+
+Listing imports neither torch nor scikit-learn (seconds of a `dlkit list` otherwise): model and data
+set names come from their registrations' source (`dlkit.registry.declared`); only `describe`, which
+builds a model, imports the registries themselves.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dlkit.data import DATASETS, data_shape
-from dlkit.engine.freeze import set_trainable
-from dlkit.engine.loop import resolve_stages
 from dlkit.errors import ConfigError, did_you_mean
-from dlkit.models import MODELS, build_model, model_args
-from dlkit.models.summary import ModelSummary, summarize
 from dlkit.recipes import load_recipe, recipe_registry, recipe_source
+from dlkit.registry import Declared, declared
+
+if TYPE_CHECKING:
+    from dlkit.models.summary import ModelSummary
 
 KINDS = ("recipes", "models", "datasets")
 
@@ -30,11 +34,21 @@ def catalog_lines(what: str = "all") -> list[str]:
             lines.append(f"  {name:<24} {source:<6} {claim:<36} {raw.get('description', '')}")
     if what in ("models", "all"):
         lines.append("models:")
-        lines += [f"  {name:<24} args: {', '.join(model_args(name)) or '-'}" for name in MODELS.names()]
+        lines += [f"  {d.name:<24} args: {', '.join(d.args) or '-'}" for d in declared_models()]
     if what in ("datasets", "all"):
         lines.append("datasets:")
-        lines += [f"  {name:<16} {DATASETS.get(name).description}".rstrip() for name in DATASETS.names()]
+        lines += [f"  {d.name:<24} {d.description or ''}".rstrip() for d in declared_datasets()]
     return lines
+
+
+def declared_models() -> tuple[Declared, ...]:
+    """The registered models with their recipe arguments, read from the source (no torch import)."""
+    return declared("dlkit.models", "register_model")
+
+
+def declared_datasets() -> tuple[Declared, ...]:
+    """The registered data sets with their descriptions, read from the source (no torch import)."""
+    return declared("dlkit.data", "register_dataset")
 
 
 @dataclass
@@ -58,6 +72,12 @@ class RecipeDescription:
 
 def describe_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> RecipeDescription:
     """Build a recipe's model from the data set's known shape (no data loaded) and tabulate it."""
+    from dlkit.data import data_shape
+    from dlkit.engine.freeze import set_trainable
+    from dlkit.engine.loop import resolve_stages
+    from dlkit.models import build_model
+    from dlkit.models.summary import summarize
+
     recipe = load_recipe(name_or_path, overrides)
     shape = data_shape(recipe.data)
     model = build_model(recipe, shape.num_outputs, shape.input_shape)

@@ -11,26 +11,44 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, TyperException
 
-from dlkit.errors import DlkitError, RunInterrupted, Terminated
-from dlkit.rundir import error_line
+from dlkit import __version__
+from dlkit.errors import ConfigError, DlkitError, RunInterrupted, Terminated
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# every heavy import (torch, scikit-learn, the run directory) happens inside the command that needs it:
+# `dlkit --help`, `--version` and `list` answer in a fraction of a second (benchmarks/cli_startup.py)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Classic deep-learning experiments as reproducible recipes.")
 
-SetOpt = Annotated[list[str], typer.Option("--set", help="Override a recipe field: FIELD=VALUE (repeatable).")]
-EpochsOpt = Annotated[int | None, typer.Option(help="Epochs of every training stage.")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed (splits, init, batch order).")]
-OutOpt = Annotated[Path | None, typer.Option(help="Run directory to create (default runs/<recipe>-<time>).")]
-DataOpt = Annotated[str | None, typer.Option("--data", help="Your own data: a folder or file.")]
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the data set's official files.")]
-MovedDataOpt = Annotated[Path | None, typer.Option("--data", help="Where the run's data file or folder is now, "
-                                                                   "if it moved (replaces the recipe's data.path).")]
-MovedDataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where the run's data set files are now, if "
-                                                                         "they moved (replaces data.data_dir).")]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")]
-PrecisionOpt = Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
-ReportOpt = Annotated[bool | None, typer.Option("--report/--no-report", show_default=False,
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dlkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                help="Print dlkit's version and exit.")] = False) -> None:
+    """Classic deep-learning experiments as reproducible recipes."""
+
+
+SetOpt = Annotated[list[str], typer.Option("--set", metavar="FIELD=VALUE",
+                                            help="Override a recipe field: FIELD=VALUE (repeatable).")]
+EpochsOpt = Annotated[int | None, typer.Option(metavar="N", help="Epochs of every training stage.")]
+SeedOpt = Annotated[int | None, typer.Option(metavar="N", help="Random seed (splits, init, batch order).")]
+OutOpt = Annotated[Path | None, typer.Option(metavar="DIR", help="Run directory to create (default runs/RECIPE-TIME).")]
+DataOpt = Annotated[str | None, typer.Option("--data", metavar="PATH", help="Your own data: a folder or file.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", metavar="DIR",
+                                                 help="Folder holding the data set's official files.")]
+MovedDataOpt = Annotated[Path | None, typer.Option(
+    "--data", metavar="PATH", help="Where the run's data file or folder is now, if it moved (replaces the recipe's data.path).")]
+MovedDataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", metavar="DIR", help="Where the run's data set files are now, if they moved (replaces data.data_dir).")]
+DeviceOpt = Annotated[str | None, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or mps.")]
+PrecisionOpt = Annotated[str | None, typer.Option(metavar="PRECISION", help="auto, fp32 or bf16.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress output.")]
+RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", help="A packaged recipe (dlkit list recipes) or a YAML file.")]
+ReportOpt = Annotated[bool | None, typer.Option("--report/--no-report", show_default=False, metavar="",
                                                 help="Write plots/ and report.html after testing "
                                                      "[default: yes, unless DLKIT_REPORT=0].")]
 
@@ -50,7 +68,8 @@ def list_(what: Annotated[str, typer.Argument(help="recipes, models, datasets or
 
 
 @app.command()
-def describe(recipe: str, overrides: SetOpt = [], as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def describe(recipe: RecipeArg, overrides: SetOpt = [],
+             as_json: Annotated[bool, typer.Option("--json", metavar="", help="The table as JSON.")] = False) -> None:
     """Show a recipe's model layer by layer with its parameter counts (no data needed)."""
     from dlkit.catalog import describe_recipe
 
@@ -59,14 +78,16 @@ def describe(recipe: str, overrides: SetOpt = [], as_json: Annotated[bool, typer
 
 
 @app.command()
-def run(recipe: str, overrides: SetOpt = [], epochs: EpochsOpt = None, seed: SeedOpt = None, out: OutOpt = None,
+def run(recipe: RecipeArg, overrides: SetOpt = [], epochs: EpochsOpt = None, seed: SeedOpt = None, out: OutOpt = None,
         data: DataOpt = None, data_dir: DataDirOpt = None, device: DeviceOpt = None,
         precision: PrecisionOpt = None, quiet: QuietOpt = False, report: ReportOpt = None,
-        seeds: Annotated[int, typer.Option(min=1, help="Run N seeds (the recipe's, then the next ones) and "
-                                                       "print their comparison.")] = 1) -> None:
+        seeds: Annotated[int, typer.Option(metavar="N", help="Run N seeds (the recipe's, then the next ones) and "
+                                                             "print their comparison.")] = 1) -> None:
     """Run a recipe (a packaged name or a YAML file): train, test, save; prints the run directory last."""
     from dlkit.recipes import load_recipe
 
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be 1 or more, got {seeds}")
     resolved = load_recipe(recipe, overrides, epochs=epochs, seed=seed,
                            fields=_fields(data, data_dir, device, precision))
     if seeds == 1:
@@ -81,14 +102,16 @@ def run(recipe: str, overrides: SetOpt = [], epochs: EpochsOpt = None, seed: See
 
 
 @app.command()
-def train(model: Annotated[str, typer.Option(help="A registered model (dlkit list models).")],
-          data: Annotated[str, typer.Option("--data", help="A registered data set or a CSV file.")],
-          epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-          batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
-          optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw or rmsprop.")] = "adam",
-          lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-          weights: Annotated[str | None, typer.Option(help="Pretrained weights: imagenet, or a .pth/.safetensors file.")] = None,
-          freeze: Annotated[str, typer.Option(help="none, or base: train only the classifier on a frozen base.")] = "none",
+def train(model: Annotated[str, typer.Option(metavar="NAME", help="A registered model (dlkit list models).")],
+          data: Annotated[str, typer.Option("--data", metavar="NAME|PATH", help="A registered data set or a CSV file.")],
+          epochs: Annotated[int, typer.Option(metavar="N", help="Training epochs.")] = 10,
+          batch_size: Annotated[int, typer.Option(metavar="N", help="Batch size.")] = 32,
+          optimizer: Annotated[str, typer.Option(metavar="NAME", help="sgd, adam, adamw or rmsprop.")] = "adam",
+          lr: Annotated[float, typer.Option(metavar="RATE", help="Learning rate.")] = 1e-3,
+          weights: Annotated[str | None, typer.Option(
+              metavar="WEIGHTS", help="Pretrained weights: imagenet, or a .pth/.safetensors file.")] = None,
+          freeze: Annotated[str, typer.Option(
+              metavar="WHAT", help="none, or base: train only the classifier on a frozen base.")] = "none",
           overrides: SetOpt = [], seed: SeedOpt = None, out: OutOpt = None, data_dir: DataDirOpt = None,
           device: DeviceOpt = None, precision: PrecisionOpt = None, quiet: QuietOpt = False,
           report: ReportOpt = None) -> None:
@@ -148,7 +171,7 @@ def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedD
 def explain(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
             image: Annotated[str, typer.Argument(metavar="IMAGE", help="An image file.")],
             out: Annotated[Path | None, typer.Option(
-                "-o", "--out", help="PNG to write (default: IMAGE.gradcam.png)")] = None) -> None:
+                "-o", "--out", metavar="PNG", help="PNG to write (default: IMAGE.gradcam.png)")] = None) -> None:
     """Grad-CAM: the heat map of where a conv model looked, over the image; prints the predicted class."""
     from dlkit.explain import explain_image
 
@@ -158,8 +181,8 @@ def explain(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN...")],
-    fmt: Annotated[str, typer.Option("--format", help="md, csv or html")] = "md",
-    per_run: Annotated[bool, typer.Option("--per-run", help="one row per run instead of per recipe")] = False,
+    fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="md, csv or html")] = "md",
+    per_run: Annotated[bool, typer.Option("--per-run", metavar="", help="one row per run instead of per recipe")] = False,
 ) -> None:
     """One table over finished runs, grouped by recipe: mean ± std over seeds (95% interval from 3
     runs), the seed's claim beside ours, params, train time and latency. Runs whose recipe.yaml
@@ -226,6 +249,8 @@ def _main(argv: list[str] | None) -> None:
         print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:  # the file system refused (full disk, read-only place, a file where a folder goes)
+        from dlkit.rundir import error_line
+
         print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except (Abort, KeyboardInterrupt) as exc:

@@ -291,6 +291,9 @@ class ExpectCfg(Strict):
     source: str | None = None  # the write-up id, e.g. "S0.1"
     claims: dict[str, float] = {}  # metric name -> claimed value, e.g. test_accuracy: 0.99
     note: str = ""
+    # the training-set size the claim was measured with (S0.1: MNIST's 60,000), when the write-up says
+    # it; the summary and report set the run's n_train beside it
+    n_train: int | None = Field(None, ge=1)
 
 
 class Recipe(Strict):

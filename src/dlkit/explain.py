@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
+from torch import Tensor
 
 from dlkit.data.inputs import read_image
 from dlkit.data.preprocess import ImagePrep, prep_from_dict
@@ -14,12 +15,37 @@ from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, save_overlay
 from dlkit.files import check_output_file
 from dlkit.predict import Predictor
 
-DISPLAY = 224  # smallest side of the picture written, in pixels
+# the picture written: the user's image at its own size, enlarged by a whole factor until its longer side
+# reaches DISPLAY_MIN (a 28x28 digit becomes 224x224, readable) or reduced to DISPLAY_MAX (a 12-megapixel
+# photo becomes a 1024-pixel-wide PNG, not a 30 MB one)
+DISPLAY_MIN = 224
+DISPLAY_MAX = 1024
+
+
+def display_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of the picture drawn for an image of `width` x `height` pixels."""
+    longer = max(width, height)
+    if longer > DISPLAY_MAX:
+        scale = DISPLAY_MAX / longer
+        return max(1, round(width * scale)), max(1, round(height * scale))
+    factor = max(1, math.ceil(DISPLAY_MIN / longer))
+    return width * factor, height * factor
+
+
+def heat_on_image(heat: Tensor, spec: ImagePrep, size: tuple[int, int]) -> Tensor:
+    """The model-input heat map (1, 1, h, w) laid over the user's image shown at `size` (H, W).
+
+    ImagePrep's layout resizes the whole image to the model's input, so the whole map covers the whole
+    image: it is resized back. A layout that crops (to the ink's box, say) maps the map into that box
+    of the image instead; this is the one place to teach it that."""
+    del spec  # the plain resize layout: no crop to undo
+    return F.interpolate(heat, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 def explain_image(run_dir: str | Path, source: str, out: str | Path | None = None) -> dict[str, Any]:
-    """Grad-CAM of the predicted class over the image, saved as a PNG (default: beside the image,
-    `<name>.gradcam.png`); returns the label, its confidence and where the picture went."""
+    """Grad-CAM of the predicted class over the user's image (at its own size, see `display_size`) with
+    a colour scale, saved as a PNG (default: beside the image, `<name>.gradcam.png`); returns the label,
+    its confidence, where the picture went and the size of the image in it."""
     path = Path(out) if out is not None else Path(source).with_name(f"{Path(source).stem}.gradcam.png")
     check_output_file(path, "-o")
     predictor = Predictor.from_run(run_dir)
@@ -27,18 +53,21 @@ def explain_image(run_dir: str | Path, source: str, out: str | Path | None = Non
     if not isinstance(spec, ImagePrep):
         raise InputError(f"dlkit explain draws Grad-CAM over images; the model of {run_dir} reads "
                          f"{predictor.bundle['input_kind']} (its report shows what it attends to)")
-    shown = spec.layout(read_image(source, spec.channels, spec.size))  # what the model sees, before normalisation
-    cam = gradcam(predictor.model, spec.normalise(shown))
+    seen = spec.layout(read_image(source, spec.channels, spec.size))  # what the model sees, before normalisation
+    cam = gradcam(predictor.model, spec.normalise(seen))
     best = int(cam.predicted[0])
     label, confidence = predictor.classes[best], float(cam.probabilities[0, best])
-    image, heat = shown, cam.heatmaps[None]
-    scale = math.ceil(DISPLAY / max(image.shape[-2:]))
-    if scale > 1:  # a 28x28 digit is enlarged so the picture can be read
-        image = F.interpolate(image, scale_factor=scale, mode="nearest")
-        heat = F.interpolate(heat, scale_factor=scale, mode="bilinear", align_corners=False)
+    # the user's own picture, in colour: a large JPEG decodes reduced, never below the display's size
+    picture = read_image(source, 3, (DISPLAY_MAX, DISPLAY_MAX))
+    width, height = display_size(picture.shape[-1], picture.shape[-2])
+    enlarging = width >= picture.shape[-1]
+    picture = F.interpolate(picture, size=(height, width), mode="nearest" if enlarging else "area")
+    heat = heat_on_image(cam.heatmaps[None], spec, (height, width))
     shows = evidence(cam.heatmaps[0])
-    save_overlay(path, image[0], heat[0, 0], title=f"{label} ({confidence:.1%})" + ("" if shows else f", {NO_EVIDENCE}"))
-    result = {"input": source, "label": label, "confidence": round(confidence, 6), "heatmap": str(path)}
+    title = f"{label} ({confidence:.1%})" + ("" if shows else f", {NO_EVIDENCE}")
+    save_overlay(path, picture[0], heat[0, 0], title=title, colorbar=True)
+    result = {"input": source, "label": label, "confidence": round(confidence, 6), "heatmap": str(path),
+              "size": [width, height]}
     if not shows:
         result["note"] = (f"the map is empty: no place in the model's last conv layer raised the score of {label} "
                           "(the class rests on what is absent there)")

@@ -190,17 +190,49 @@ def test_locate_downloads_into_the_cache_once(server, tmp_path):
     assert locate("toy", files, DataCfg(name="toy")) == paths and len(server.hits) == 2  # no new request
 
 
-def test_offline_is_one_line_naming_files_urls_and_folders(tmp_path):
+def test_offline_is_one_line_naming_files_their_first_address_and_folders(tmp_path):
     dead = _closed_port_url()
     files = [RemoteFile(n, "0" * 64, (f"{dead}/x/{n}", f"{dead}/y/{n}")) for n in ("a.gz", "b.gz")]
     with pytest.raises(DataError) as err:
         locate("toy", files, DataCfg(name="toy"))
-    msg = str(err.value)
-    assert "\n" not in msg and msg.startswith("toy: no copy on disk and the download failed")
-    for f in files:
-        assert f.name in msg and all(u in msg for u in f.urls)
-    assert str(tmp_path / "xdg" / "dlkit" / "datasets" / "toy") in msg and "--data-dir" in msg
-    assert _parts(tmp_path / "xdg" / "dlkit" / "datasets" / "toy") == []
+    cache = tmp_path / "xdg" / "dlkit" / "datasets" / "toy"
+    assert re.fullmatch(rf"toy: no copy on disk and the download failed \(.*[Cc]onnection refused\); get a\.gz, b\.gz "
+                        rf"\(from {dead}/x/\) and put them in {cache}, or pass --data-dir FOLDER holding them", str(err.value))
+    # a failed download leaves no empty cache folder (nor dlkit/ or datasets/ above it) behind
+    assert not (tmp_path / "xdg").exists()
+
+
+def test_a_failed_download_keeps_folders_that_existed_or_hold_files(tmp_path):
+    dead = _closed_port_url()
+    remote = RemoteFile("a.gz", "0" * 64, (f"{dead}/a.gz",))
+    (tmp_path / "xdg" / "dlkit").mkdir(parents=True)
+    with pytest.raises(DataError):
+        fetch(remote, cache_dir("toy"), timeout=5)
+    assert [p.name for p in (tmp_path / "xdg").iterdir()] == ["dlkit"] and not any((tmp_path / "xdg" / "dlkit").iterdir())
+    cache_dir("toy").mkdir(parents=True)
+    (cache_dir("toy") / "other.gz").write_bytes(b"kept")
+    with pytest.raises(DataError):
+        fetch(remote, cache_dir("toy"), timeout=5)
+    assert [p.name for p in cache_dir("toy").iterdir()] == ["other.gz"]
+
+
+def test_dlkit_run_mnist_offline_is_one_short_line_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    from dlkit.cli import main
+
+    dead = _closed_port_url()
+    table = tuple(RemoteFile(r.name, r.sha256, (f"{dead}/mnist/{r.name}", f"{dead}/mirror/{r.name}"), r.size)
+                  for r in idx.FILES["mnist"])
+    monkeypatch.setitem(idx.FILES, "mnist", table)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "mnist-cnn", "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    names = re.escape(", ".join(r.name for r in table))
+    assert re.fullmatch(rf"error: mnist: no copy on disk and the download failed \(.*\); get {names} \(from {dead}/mnist/\) "
+                        rf"and put them in {cache_dir('mnist')}, or pass --data-dir FOLDER holding them\n", err)
+    assert "/mirror/" not in err  # the mirrors are in the README
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no xdg/dlkit/datasets/mnist, no runs/
 
 
 def test_data_dir_files_must_be_present_and_official(tmp_path):

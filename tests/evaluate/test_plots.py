@@ -176,18 +176,53 @@ def test_pr_names_curves_with_their_average_precision():
 
 def test_reliability_shows_accuracy_per_bin_the_diagonal_and_the_counts():
     edges = np.linspace(0, 1, 11)
-    counts = [0, 0, 0, 0, 0, 12, 20, 31, 50, 87]
+    counts = [0, 0, 0, 0, 3, 12, 20, 31, 50, 87]
     bins = [{"bin_lower": lo, "bin_upper": hi, "count": c,
              "confidence": (lo + hi) / 2 if c else None, "accuracy": (lo + hi) / 2 - 0.05 if c else None}
             for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
     fig = plots.figure_reliability(bins, ece=0.0423)
     top, bottom = fig.axes
     assert top.get_title() == "Reliability diagram (ECE 0.042)"
-    assert sorted(legend_texts(top)) == ["accuracy", "gap", "perfect calibration"]
+    assert legend_texts(top) == ["accuracy", "gap to mean confidence", "perfect calibration",
+                                 "fewer than 10 examples"]
+    assert [h.get_alpha() for h in top.get_legend().legend_handles] == [None, None, None, 0.25]
     accuracy_bars = top.containers[0]
-    np.testing.assert_allclose([b.get_height() for b in accuracy_bars], [0.5, 0.6, 0.7, 0.8, 0.9])
+    np.testing.assert_allclose([b.get_height() for b in accuracy_bars], [0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    # the bin of 3 examples is faded, in the bars and in the histogram; the others are whole
+    assert [b.get_alpha() for b in accuracy_bars] == [0.25, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert [b.get_alpha() for b in bottom.patches][4:] == [0.35, 1.0, 1.0, 1.0, 1.0, 1.0]
+    # the gap is a line from each bar's top to its bin's mean confidence, not a hatched patch over the bar
+    assert not any(p.get_hatch() for p in top.patches)
+    gap = top.collections[0]
+    segments = [seg[:, 1].tolist() for seg in gap.get_segments()]
+    np.testing.assert_allclose(segments, [[a, a + 0.05] for a in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)])
     assert [b.get_height() for b in bottom.patches] == counts
     assert (bottom.get_xlabel(), bottom.get_ylabel(), top.get_ylabel()) == ("confidence", "count", "accuracy")
+    whole = plots.figure_reliability(bins[5:], ece=0.0423)
+    assert "fewer than 10 examples" not in legend_texts(whole.axes[0])
+
+
+@pytest.mark.parametrize("values, decimals", [
+    ([0.875, 0.875], 2),
+    ([0.81, 0.93, 0.5], 2),
+    ([1.0, 0.99981, 0.99962, 0.9991, 1.0], 4),  # classes that all read "1.00" before
+    ([1.0, 0.99981, 0.99975], 5),  # 0.9998 twice at 4
+    ([0.999996], 6),  # short of 1: never printed as 1.00
+    ([1.0, 1.0], 2),
+    ([0.1234561, 0.1234569], 6),
+    ([0.123456789, 0.123456788], 2),  # alike to 6 decimals (the most): the same value
+    ([0.9, None, float("nan")], 2),
+])
+def test_scores_get_the_decimals_that_tell_them_apart(values, decimals):
+    assert plots.score_decimals(values) == decimals
+
+
+def test_roc_legend_of_ten_near_perfect_classes_tells_them_apart():
+    y, s = scored()
+    fpr, tpr, _ = roc_curve(y, s)
+    aucs = [1.0, 0.99981, 0.99975, 0.9991, 1.0, 0.99999, 0.9998, 1.0, 0.9994, 0.99962]
+    fig = plots.figure_roc({str(k): {"fpr": fpr, "tpr": tpr, "auc": a} for k, a in enumerate(aucs)})
+    assert legend_texts(fig.axes[0])[:10] == [f"{k} (AUC {a:.5f})" for k, a in enumerate(aucs)]
 
 
 # sample grids
@@ -296,6 +331,28 @@ def test_gradcam_grid_shows_each_overlay_with_its_caption():
     assert [len(ax.images) for ax in fig.axes] == [1] * 5 + [0] * 3
     with pytest.raises(ValueError, match="5 overlays but 4 captions"):
         plots.figure_gradcam_grid(overlays, ["x"] * 4)
+
+
+def test_long_gradcam_captions_wrap_inside_their_panel_and_the_figure():
+    overlays = [np.zeros((28, 28, 3), dtype=np.uint8) for _ in range(6)]
+    captions = ["American Staffordshire terrier / Staffordshire bullterrier (87%)",
+                "golden retriever / golden retriever (99%)", "7 / 1 (51%)",
+                "averyveryverylongclassnamewithoutspaces / x (3%)", "cat / dog (60%)", "a / b (50%)"]
+    fig = plots.figure_gradcam_grid(overlays, captions)
+    fig.canvas.draw()
+    renderer, whole = fig.canvas.get_renderer(), fig.bbox
+    boxes = []
+    for ax, caption in zip(fig.axes, captions):
+        text = ax.title.get_text()
+        assert "".join(text.split()) == "".join(caption.split())  # every letter kept, in order
+        assert max(len(line) for line in text.splitlines()) <= plots.CAPTION_CHARS
+        box = ax.title.get_window_extent(renderer)
+        assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1
+        boxes.append(box)
+    for i, a in enumerate(boxes):  # no caption runs into another
+        assert not any(a.overlaps(b) for b in boxes[i + 1:])
+    assert plots.wrap_caption("7 / 1 (51%)") == "7 / 1 (51%)"
+    assert plots.wrap_caption("golden retriever / labrador (87%)") == "golden retriever /\nlabrador (87%)"
 
 
 # saving

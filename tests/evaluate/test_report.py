@@ -121,6 +121,22 @@ def test_an_unmet_claim_is_flagged_and_text_is_escaped(runs):
     assert "No per-class metrics: a regression run has no classes." in linreg
 
 
+def test_the_report_says_which_weights_were_tested_and_the_claims_training_set(runs):
+    summary = json.loads((runs["digits-cnn"] / "summary.json").read_text())
+    page = (runs["digits-cnn"] / "report.html").read_text(encoding="utf-8")
+    assert summary["tested_weights"] == "last (epoch 1)"
+    assert "<tr><td>weights tested</td><td>last (epoch 1)</td></tr>" in section(page, "Summary")
+    assert summary["expect"]["n_train"] == 60000
+    line = f"trained on {summary['n_train']:,} of the claim's 60,000 examples"
+    assert summary["expect"]["training_set"] == line
+    assert f"<p>Training set: {html.escape(line)}.</p>" in section(page, "Claim vs ours")
+    lat = {k: summary[k] for k in ("latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_passes")}
+    assert lat["latency_ms_p10"] <= lat["latency_ms"] <= lat["latency_ms_p90"] and lat["latency_passes"] >= 9
+    assert (f"<tr><td>latency (ms per example, batch of 1)</td><td>{lat['latency_ms']:.4g} median "
+            f"(p10 {lat['latency_ms_p10']:.4g}, p90 {lat['latency_ms_p90']:.4g}; {lat['latency_passes']} passes)</td></tr>"
+            in section(page, "Summary"))
+
+
 @pytest.mark.parametrize("name", ["digits-cnn", "breast-cancer-lstm", "tiny-text-lstm", "scratch-mlp"])
 def test_evaluation_json_and_summary_come_from_the_same_single_test_pass(runs, name):
     ev = json.loads((runs[name] / "evaluation.json").read_text())

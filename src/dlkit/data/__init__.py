@@ -26,22 +26,22 @@ class DataShape:
 
 @dataclass(frozen=True)
 class DataSource:
-    """A registered data set: its loader, for data that may not be on disk its shape, and a line on
-    its source and licence for `dlkit list datasets`."""
+    """A registered data set: its loader, for data that may not be on disk its shape, and a line
+    saying what it is (`dlkit list datasets`)."""
 
     load: Loader
     shape: Callable[[DataCfg], DataShape] | None = None
-    description: str = ""
+    description: str | None = None
 
 
 DATASETS: Registry[DataSource] = Registry("dataset")
 
 
-def register_dataset(
-    name: str, shape: Callable[[DataCfg], DataShape] | None = None, description: str = ""
-) -> Callable[[Loader], Loader]:
-    """Decorator registering a loader; give `shape` when the data may be absent (downloads) or slow to
-    load, and `description` to say where the data come from."""
+def register_dataset(name: str, shape: Callable[[DataCfg], DataShape] | None = None, *,
+                     description: str | None = None) -> Callable[[Loader], Loader]:
+    """Decorator registering a loader; give `shape` when the data may be absent (downloads). Write
+    `description` as a string literal (or a module-level string constant): `dlkit list` reads it from
+    the source without importing the loader (dlkit.registry.declared)."""
 
     def add(load: Loader) -> Loader:
         DATASETS.add(name, DataSource(load, shape, description))

@@ -79,7 +79,7 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 30.0, deadline: f
     `timeout` bounds each wait for the server, `deadline` (default: `default_deadline(remote.size)`)
     each URL's whole download; a URL that runs past it fails and the next one is tried.
     """
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    created = _make_dirs(dest_dir)
     limit = default_deadline(remote.size) if deadline is None else deadline
     failures: dict[str, str] = {}
     for url in remote.urls:
@@ -87,7 +87,28 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 30.0, deadline: f
             return _fetch_one(url, remote, dest_dir, timeout, limit)
         except (OSError, http.client.HTTPException, ValueError, DataError) as exc:
             failures[url] = _reason(exc)
+    _remove_empty(created)  # a failed download leaves no empty cache folder behind
     raise FetchError(remote.name, failures)
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; the folders it created, deepest first."""
+    created = []
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+        created.append(parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process put a file there) or already gone
+            return
 
 
 class FetchError(DataError):
@@ -192,13 +213,20 @@ def _from_data_dir(dataset: str, files: Sequence[RemoteFile], folder: Path, veri
 
 
 def _offline_message(dataset: str, missing: Sequence[RemoteFile], cache: Path, exc: FetchError) -> str:
-    """One line: why the download failed, what to get from where, and where to put it by hand."""
+    """One line: why the download failed, which files to get (from their first address; the mirrors
+    are in the README), where to put them, and --data-dir."""
     reasons = ", ".join(dict.fromkeys(exc.failures.values())) or "no URL known"
-    wanted = "; ".join(f"{r.name} ({', '.join(r.urls)})" for r in missing)
-    return (
-        f"{dataset}: no copy on disk and the download failed ({reasons}); get {wanted} and put the files "
-        f"in {cache}, or pass --data-dir FOLDER holding them"
-    )
+    return (f"{dataset}: no copy on disk and the download failed ({reasons}); get {_wanted(missing)} and put "
+            f"{'it' if len(missing) == 1 else 'them'} in {cache}, or pass --data-dir FOLDER holding them")
+
+
+def _wanted(missing: Sequence[RemoteFile]) -> str:
+    """`a.gz (URL)` for one file; `a.gz, b.gz (from BASE/)` when their first addresses share a folder."""
+    firsts = [r.urls[0] if r.urls else "" for r in missing]
+    bases = {url.rsplit("/", 1)[0] + "/" for url in firsts}
+    if len(missing) > 1 and len(bases) == 1 and all(u.endswith("/" + r.name) for u, r in zip(firsts, missing)):
+        return f"{', '.join(r.name for r in missing)} (from {bases.pop()})"
+    return ", ".join(f"{r.name} ({url})" if url else r.name for r, url in zip(missing, firsts))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ prepare its inputs), the summary (test metrics, cost, environment, the claim bes
 from __future__ import annotations
 
 import platform
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,16 +132,32 @@ def summarize_run(recipe: Recipe, data: DataBundle, model: nn.Module, history: H
         "precision": precision,
         "seed": recipe.seed,
         "data_source": data.meta.get("source"),
-        "expect": expect_vs_achieved(recipe, test),
+        "tested_weights": tested_weights(recipe, history),
+        "expect": expect_vs_achieved(recipe, test, len(data.train)),
         "notes": history.notes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dlkit_version": dlkit.__version__,
     }
 
 
-def expect_vs_achieved(recipe: Recipe, achieved: dict[str, float]) -> dict[str, Any]:
+_RESTORED = re.compile(r"restored the weights of epoch (\d+)")
+
+
+def tested_weights(recipe: Recipe, history: History) -> str:
+    """Which weights the test split saw: `last (epoch 10)`, or `best (epoch 7, val_loss)` when early
+    stopping restored the best epoch's weights at the end of the last stage (EarlyStopping's note)."""
+    last = history.epochs[-1]["epoch"] if history.epochs else 0
+    restored = [int(m.group(1)) for note in history.notes if (m := _RESTORED.fullmatch(note))]
+    first_of_last_stage = history.stages[-1]["first_epoch"] if history.stages else 1
+    es = recipe.train.early_stopping
+    if restored and es is not None and restored[-1] >= first_of_last_stage:
+        return f"best (epoch {restored[-1]}, {es.monitor})"
+    return f"last (epoch {last})"
+
+
+def expect_vs_achieved(recipe: Recipe, achieved: dict[str, float], n_train: int | None = None) -> dict[str, Any]:
     """Each claimed metric beside ours; 'met' when ours is at most one point worse (a learned value
-    such as a weight: within 1% of the claim)."""
+    such as a weight: within 1% of the claim). With `expect.n_train`, the training-set sizes too."""
     rows = []
     for metric, claimed in recipe.expect.claims.items():
         ours = achieved.get(metric)
@@ -156,7 +173,22 @@ def expect_vs_achieved(recipe: Recipe, achieved: dict[str, float]) -> dict[str, 
         else:
             row["status"] = "not measured"
         rows.append(row)
-    return {"source": recipe.expect.source, "note": recipe.expect.note, "claims": rows}
+    out: dict[str, Any] = {"source": recipe.expect.source, "note": recipe.expect.note, "claims": rows}
+    claimed_n = recipe.expect.n_train
+    if claimed_n is not None:
+        out["n_train"] = claimed_n
+        if n_train is not None:
+            out["training_set"] = training_set_line(n_train, claimed_n)
+    return out
+
+
+def training_set_line(ours: int, claimed: int) -> str:
+    """`trained on 4,000 of the claim's 60,000 examples`, or the same number, or more."""
+    if ours == claimed:
+        return f"trained on {ours:,} examples, as the claim"
+    if ours < claimed:
+        return f"trained on {ours:,} of the claim's {claimed:,} examples"
+    return f"trained on {ours:,} examples, more than the claim's {claimed:,}"
 
 
 def library_versions() -> dict[str, str]:

@@ -148,13 +148,41 @@ def jet(values: np.ndarray) -> np.ndarray:
     return np.stack(ramps, axis=-1)
 
 
+# the colour scale beside an explained picture: a bar in the jet map, `high` at its top, `low` at its foot
+COLORBAR_PAD = 6
+COLORBAR_BAR = 12
+
+
 def save_overlay(path: str | Path, image: Tensor | np.ndarray, heatmap: Tensor | np.ndarray,
-                 title: str | None = None) -> Path:
-    """Write `overlay(image, heatmap)` as a PNG at `path`, a `title` strip above it if given; atomically."""
+                 title: str | None = None, colorbar: bool = False) -> Path:
+    """Write `overlay(image, heatmap)` as a PNG at `path`, with the colour scale to its right if
+    `colorbar` and a `title` strip above it if given; atomically. The picture keeps the image's size:
+    the scale and the title are added beside and above it."""
     picture = Image.fromarray(overlay(image, heatmap))
+    if colorbar:
+        picture = _with_colorbar(picture)
     if title:
         picture = _with_title(picture, title)
     return write_atomic(path, lambda out: picture.save(out, format="PNG"))
+
+
+def _with_colorbar(picture: Image.Image) -> Image.Image:
+    """`picture` with a jet bar as tall as it on its right (high heat at the top), labelled high and low."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(picture)
+    label_w = max(draw.textbbox((0, 0), word, font=font)[2] for word in ("high", "low"))
+    x0 = picture.width + COLORBAR_PAD
+    canvas = Image.new("RGB", (x0 + COLORBAR_BAR + COLORBAR_PAD + label_w + COLORBAR_PAD, picture.height), "white")
+    canvas.paste(picture, (0, 0))
+    values = np.linspace(1.0, 0.0, picture.height, dtype=np.float32)
+    bar = np.round(jet(values) * 255).astype(np.uint8)[:, None, :].repeat(COLORBAR_BAR, axis=1)
+    canvas.paste(Image.fromarray(bar), (x0, 0))
+    text = ImageDraw.Draw(canvas)
+    label_x = x0 + COLORBAR_BAR + COLORBAR_PAD
+    text.text((label_x, 0), "high", fill="black", font=font)
+    low_h = text.textbbox((0, 0), "low", font=font)[3]
+    text.text((label_x, picture.height - low_h - 1), "low", fill="black", font=font)
+    return canvas
 
 
 def _with_title(picture: Image.Image, title: str) -> Image.Image:

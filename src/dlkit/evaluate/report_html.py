@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from dlkit.evaluate.plots import MIN_BIN_COUNT
 from dlkit.files import write_atomic
 from dlkit.rundir import RunDir
 
@@ -27,7 +28,9 @@ PLOT_CAPTIONS = {
                             "recall on the diagonal.",
     "roc": "ROC curves on the test split, with their AUC.",
     "pr": "Precision-recall curves on the test split, with average precision.",
-    "reliability": "Reliability diagram: accuracy against confidence; the gap to the diagonal is miscalibration.",
+    "reliability": ("Reliability diagram: accuracy per confidence bin; the red line from each bar to its bin's mean "
+                    f"confidence is the miscalibration. Bins of fewer than {MIN_BIN_COUNT} test examples are faded: "
+                    "too few to judge."),
     "class_distribution": "Examples per class in each split.",
     "samples": "The first test examples: true / predicted (confidence); mistakes in red.",
     "confident_mistakes": "The test mistakes the model made with the highest confidence.",
@@ -160,7 +163,7 @@ def _missing(text: str) -> str:
 def _summary(summary: dict[str, Any]) -> str:
     """Test metrics, then size, cost and run settings; the run's notes below."""
     skip = {"n_train", "n_val", "n_test", "params", "trainable_params", "train_seconds", "epochs_run", "seed",
-            "latency_ms"}
+            "latency_ms", "latency_ms_p10", "latency_ms_p90", "latency_passes"}
     metrics = [(k, v) for k, v in summary.items()
                if isinstance(v, int | float) and not isinstance(v, bool) and k not in skip]
     get = summary.get
@@ -168,11 +171,21 @@ def _summary(summary: dict[str, Any]) -> str:
             ("examples (train / val / test)", f"{_fmt(get('n_train'))} / {_fmt(get('n_val'))} / {_fmt(get('n_test'))}"),
             ("parameters (trainable)", f"{_fmt(get('params'))} ({_fmt(get('trainable_params'))})"),
             ("train time (s)", get("train_seconds")), ("epochs run", get("epochs_run")),
-            ("latency (ms per example, batch of 1)", get("latency_ms")),
+            ("weights tested", get("tested_weights") or "—"),
+            ("latency (ms per example, batch of 1)", _latency(summary)),
             ("device", get("device")), ("precision", get("precision")), ("seed", get("seed"))]
     notes = get("notes") or []
     listed = "<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>" if notes else ""
     return _table(rows, ("", "value")) + listed
+
+
+def _latency(summary: dict[str, Any]) -> str:
+    """`0.21 median (p10 0.2, p90 0.34; 50 passes)`; a run from before the spread was kept: the median."""
+    median = summary.get("latency_ms")
+    if median is None or summary.get("latency_ms_p10") is None:
+        return _fmt(median)
+    return (f"{_fmt(median)} median (p10 {_fmt(summary['latency_ms_p10'])}, p90 {_fmt(summary['latency_ms_p90'])}; "
+            f"{summary.get('latency_passes')} passes)")
 
 
 def _claims(expect: dict[str, Any]) -> str:
@@ -180,6 +193,8 @@ def _claims(expect: dict[str, Any]) -> str:
     claims = expect.get("claims") or []
     if not claims:
         return _missing("The recipe states no claim to compare with.")
+    # the claim's training-set size beside ours: a claim made on 60,000 images is not matched on 4,000
+    sizes = f"<p>Training set: {_esc(expect['training_set'])}.</p>" if expect.get("training_set") else ""
     unmet = [c for c in claims if c.get("status") != "met"]
     mark = {c["metric"]: "✓ met" if c.get("status") == "met" else f"✗ {c.get('status')}" for c in claims}
     rows = [(c["metric"], c.get("claimed"), c.get("achieved"), c.get("delta"), mark[c["metric"]]) for c in claims]
@@ -188,7 +203,7 @@ def _claims(expect: dict[str, Any]) -> str:
                else f"<p class=\"ok\">✓ all {len(claims)} claims met.</p>")
     table = _table(rows, ("metric", "claimed", "ours", "ours − claimed", "status"),
                    ["unmet" if c.get("status") != "met" else "" for c in claims])
-    return f"<p>{_esc(source)}</p>{verdict}{table}"
+    return f"<p>{_esc(source)}</p>{sizes}{verdict}{table}"
 
 
 def _plots(folder: Path) -> str:

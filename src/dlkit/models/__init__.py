@@ -16,7 +16,7 @@ from torch import nn
 
 from dlkit.config import Recipe
 from dlkit.errors import ConfigError, DlkitError, RunDirError, did_you_mean
-from dlkit.registry import Registry
+from dlkit.registry import DATA_ARGS, Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
@@ -50,9 +50,6 @@ def family(name: str) -> Family:
     """The declared abilities of model `name` (an unknown name is a RegistryError)."""
     MODELS.get(name)
     return FAMILIES.get(name, Family())
-
-# builder arguments the runner fills in from the data, never from the recipe's model section
-DATA_ARGS = ("num_classes", "input_shape")
 
 
 def build(name: str, *, head: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
