@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/feature_cache.py
 	$(BIN)/python benchmarks/lstm_speed.py
 	$(BIN)/python benchmarks/metric_stream.py
+	$(BIN)/python benchmarks/run_integrity.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

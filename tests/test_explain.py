@@ -65,10 +65,24 @@ def test_the_picture_is_the_users_image_at_its_own_size_with_a_colour_scale(digi
 def test_the_heat_map_is_resized_onto_the_whole_image_for_the_plain_layout() -> None:
     heat = torch.zeros(1, 1, 4, 4)
     heat[..., 0, 0] = 1.0  # hot in the model input's top-left corner
-    spec = ImagePrep(size=(4, 4), channels=1)
-    on_image = heat_on_image(heat, spec, (40, 80))
+    on_image = heat_on_image(heat, None, (40, 80))
     assert on_image.shape == (1, 1, 40, 80)
     assert on_image[0, 0, 0, 0] == 1.0 and on_image[0, 0, -1, -1] == 0.0 and on_image[0, 0, 20:, 40:].max() == 0.0
+
+
+def test_for_the_mnist_layout_the_heat_lands_on_the_digit_where_it_was_on_the_page() -> None:
+    page = torch.ones(1, 3, 120, 90)  # white paper, a dark bar (a "1") in its lower right
+    page[:, :, 70:110, 60:66] = 0.0
+    spec = ImagePrep(size=(28, 28), channels=1, framing="mnist")
+    placement = spec.placement(page)
+    assert placement is not None and placement.shape == (120, 90) and placement.origin[0] in (69, 70)
+    frame = spec.layout(page)[0, 0]
+    heat = (frame > 0.5).float()[None, None]  # heat exactly where the model saw ink
+    on_page = heat_on_image(heat, placement, (240, 180))[0, 0]  # the page drawn at twice its size
+    bar, paper = on_page[140:220, 120:132], on_page.clone()
+    paper[130:230, 110:142] = 0
+    assert bar.mean() > 0.6 and paper.max() == 0.0  # on the bar, and nowhere else on the page
+    assert ImagePrep(size=(28, 28), channels=1).placement(page) is None  # the plain layout: the whole page
 
 
 def test_explain_refuses_what_it_cannot_explain(digits_run) -> None:

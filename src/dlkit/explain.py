@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlkit.data.inputs import read_image
+from dlkit.data.mnist_layout import FRAME, Placement
 from dlkit.data.preprocess import ImagePrep, prep_from_dict
 from dlkit.errors import InputError
 from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, save_overlay
@@ -32,14 +33,18 @@ def display_size(width: int, height: int) -> tuple[int, int]:
     return width * factor, height * factor
 
 
-def heat_on_image(heat: Tensor, spec: ImagePrep, size: tuple[int, int]) -> Tensor:
-    """The model-input heat map (1, 1, h, w) laid over the user's image shown at `size` (H, W).
+def heat_on_image(heat: Tensor, placement: Placement | None, size: tuple[int, int]) -> Tensor:
+    """The model-input heat map (1, 1, h, w) laid over the user's whole image shown at `size` (H, W).
 
-    ImagePrep's layout resizes the whole image to the model's input, so the whole map covers the whole
-    image: it is resized back. A layout that crops (to the ink's box, say) maps the map into that box
-    of the image instead; this is the one place to teach it that."""
-    del spec  # the plain resize layout: no crop to undo
-    return F.interpolate(heat, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    The plain layout (`placement` None) resizes the whole image to the model's input, so the map is
+    resized back over all of it. The MNIST layout took the digit's ink box, scaled and centred it: each
+    pixel of the picture is looked up where it landed in the 28x28 frame, and what lies outside the
+    frame (paper the model never saw) gets no heat."""
+    if placement is None:
+        return F.interpolate(heat, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    frame = F.interpolate(heat, size=(FRAME, FRAME), mode="bilinear", align_corners=False)
+    grid = placement.frame_grid(size)
+    return F.grid_sample(frame, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
 
 
 def explain_image(run_dir: str | Path, source: str, out: str | Path | None = None) -> dict[str, Any]:
@@ -53,8 +58,8 @@ def explain_image(run_dir: str | Path, source: str, out: str | Path | None = Non
     if not isinstance(spec, ImagePrep):
         raise InputError(f"dlkit explain draws Grad-CAM over images; the model of {run_dir} reads "
                          f"{predictor.bundle['input_kind']} (its report shows what it attends to)")
-    seen = spec.layout(read_image(source, spec.channels, spec.size))  # what the model sees, before normalisation
-    cam = gradcam(predictor.model, spec.normalise(seen))
+    raw = spec.decode(source)  # as predict reads it
+    cam = gradcam(predictor.model, spec.normalise(spec.layout(raw)))
     best = int(cam.predicted[0])
     label, confidence = predictor.classes[best], float(cam.probabilities[0, best])
     # the user's own picture, in colour: a large JPEG decodes reduced, never below the display's size
@@ -62,7 +67,8 @@ def explain_image(run_dir: str | Path, source: str, out: str | Path | None = Non
     width, height = display_size(picture.shape[-1], picture.shape[-2])
     enlarging = width >= picture.shape[-1]
     picture = F.interpolate(picture, size=(height, width), mode="nearest" if enlarging else "area")
-    heat = heat_on_image(cam.heatmaps[None], spec, (height, width))
+    placement = spec.placement(raw)
+    heat = heat_on_image(cam.heatmaps[None], placement, (height, width))
     shows = evidence(cam.heatmaps[0])
     title = f"{label} ({confidence:.1%})" + ("" if shows else f", {NO_EVIDENCE}")
     save_overlay(path, picture[0], heat[0, 0], title=title, colorbar=True)

@@ -5,6 +5,8 @@ or light on dark, grey paper, uneven light), so a user's photo is read the way M
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,9 +30,36 @@ COVERAGE = (0.02, 0.41)
 COLOURED, COLOURED_SHARE = 0.2, 0.4
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a laid-out frame's pixels came from, per axis: frame = (picture - origin) * scale + offset,
+    in the coordinates of the picture the ink was found in (`shape`, at most WORK_SIDE on a side)."""
+
+    shape: tuple[int, int]
+    origin: tuple[int, int]  # the top-left pixel of the ink's box
+    scale: tuple[float, float]  # frame pixels per picture pixel (rows, columns)
+    offset: tuple[int, int]  # where the box's top-left landed in the frame
+
+    def frame_grid(self, size: tuple[int, int]) -> Tensor:
+        """For each pixel of the whole picture drawn at `size` (H, W), where it falls in the 28x28 frame,
+        as grid_sample's normalised (x, y) coordinates: (1, H, W, 2); outside the frame is beyond +-1."""
+        axes = []
+        for n, shape, origin, scale, offset in zip(size, self.shape, self.origin, self.scale, self.offset):
+            centres = (torch.arange(n, dtype=torch.float64) + 0.5) * shape / n  # in picture pixels
+            frame = (centres - origin) * scale + offset  # in frame pixels (0 is the frame's edge)
+            axes.append(frame / FRAME * 2 - 1)
+        ys, xs = torch.meshgrid(*axes, indexing="ij")
+        return torch.stack([xs, ys], dim=-1)[None].float()
+
+
 def mnist_layout(ink: np.ndarray | Tensor) -> np.ndarray:
     """A 2-D ink image (bright ink on a zero background) laid out the MNIST way: (28, 28) float32 in
     [0, 1]. An image with no ink gives an empty frame."""
+    return placed_layout(ink)[0]
+
+
+def placed_layout(ink: np.ndarray | Tensor) -> tuple[np.ndarray, Placement | None]:
+    """`mnist_layout`, with where the frame's pixels came from (None for an empty frame)."""
     a = np.asarray(ink.detach().cpu() if isinstance(ink, Tensor) else ink, dtype=np.float32)
     a = np.clip(np.squeeze(a), 0.0, 1.0)
     if a.ndim != 2:
@@ -38,7 +67,7 @@ def mnist_layout(ink: np.ndarray | Tensor) -> np.ndarray:
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)
     rows, cols = np.flatnonzero(a.max(1) > 0), np.flatnonzero(a.max(0) > 0)
     if len(rows) == 0:
-        return frame
+        return frame, None
     crop = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     h, w = crop.shape
     scale = BOX / max(h, w)
@@ -46,14 +75,16 @@ def mnist_layout(ink: np.ndarray | Tensor) -> np.ndarray:
     digit = F.interpolate(torch.from_numpy(np.ascontiguousarray(crop))[None, None], size=size, mode="bilinear",
                           align_corners=False, antialias=scale < 1)[0, 0].clamp_(0, 1).numpy()
     if digit.sum() <= 0:
-        return frame
+        return frame, None
     com = ndimage.center_of_mass(digit)
     top, left = round(CENTRE - com[0]), round(CENTRE - com[1])
     # paste, cutting what would fall outside the frame (a lopsided digit's far end)
     r0, c0 = max(top, 0), max(left, 0)
     r1, c1 = min(top + size[0], FRAME), min(left + size[1], FRAME)
     frame[r0:r1, c0:c1] = digit[r0 - top : r1 - top, c0 - left : c1 - left]
-    return frame
+    placement = Placement((a.shape[0], a.shape[1]), (int(rows[0]), int(cols[0])),
+                          (size[0] / h, size[1] / w), (top, left))
+    return frame, placement
 
 
 def find_ink(gray: np.ndarray | Tensor) -> np.ndarray | None:
@@ -92,6 +123,12 @@ def layout_user_digit(gray: np.ndarray | Tensor) -> np.ndarray | None:
     """A user's picture of a digit as MNIST would have it (28, 28), or None when it holds no ink."""
     ink = find_ink(gray)
     return None if ink is None else mnist_layout(ink)
+
+
+def place_user_digit(gray: np.ndarray | Tensor) -> Placement | None:
+    """Where `layout_user_digit` takes the frame's pixels from in the picture, or None without ink."""
+    ink = find_ink(gray)
+    return None if ink is None else placed_layout(ink)[1]
 
 
 def digit_note(image: Tensor, grey: Tensor, grey_model: bool) -> str | None:

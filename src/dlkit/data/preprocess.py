@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlkit.data.inputs import read_image, read_table
-from dlkit.data.mnist_layout import FRAME, WORK_SIDE, digit_note, layout_user_digit
+from dlkit.data.mnist_layout import FRAME, WORK_SIDE, Placement, digit_note, layout_user_digit, place_user_digit
 from dlkit.errors import InputError, RunDirError
 
 if TYPE_CHECKING:
@@ -76,14 +76,25 @@ class ImagePrep:
             return x
         return _affine(x, self.mean, self.std, (1, -1, 1, 1))
 
+    def decode(self, source: str) -> Tensor:
+        """A user's image file or .npy array as `read` decodes it, before `layout` (1, C, H, W)."""
+        if self.framing != "mnist":
+            return read_image(source, self.channels, self.size)  # reduced while decoding
+        # read in colour, to see a colour photo given to a grey model; ink is found at WORK_SIDE pixels
+        return read_image(source, 3, (WORK_SIDE, WORK_SIDE))
+
     def read(self, source: str) -> tuple[Tensor, str | None]:
         """A user's image file or .npy array prepared for the model (1, C, H, W), and a one-line note
         when a digit model (framing "mnist") is given something unlike its training digits."""
+        raw = self.decode(source)
         if self.framing != "mnist":
-            return self.apply(read_image(source, self.channels, self.size)), None  # reduced while decoding
-        # read in colour, to see a colour photo given to a grey model; ink is found at WORK_SIDE pixels
-        raw = read_image(source, 3, (WORK_SIDE, WORK_SIDE))
+            return self.apply(raw), None
         return self.apply(raw), digit_note(raw[0], _grey(raw)[0, 0], grey_model=self.channels == 1)
+
+    def placement(self, raw: Tensor) -> Placement | None:
+        """For framing "mnist": where the model's 28x28 frame comes from in the decoded picture (1, C, H, W)
+        (None without ink, or for the plain resize, whose frame is the whole picture)."""
+        return place_user_digit(_grey(raw.float())[0, 0]) if self.framing == "mnist" else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, tagged with kind "image"."""
