@@ -168,7 +168,8 @@ def _shape(cfg: DataCfg) -> DataShape:
     return DataShape((cfg.channels or 3, size, size), 10, "multiclass")
 
 
-@register_dataset("cifar10", shape=_shape)
+@register_dataset("cifar10", shape=_shape,
+                  description="CIFAR-10 (Krizhevsky 2009): 60,000 32x32 colour images, 10 classes; downloaded, sha256-checked")
 def load_cifar10(cfg: DataCfg, seed: int) -> DataBundle:
     """CIFAR-10: 50000 train / 10000 test 32x32 colour images in ten classes (official test split)."""
     folder = _extracted_folder(cfg)

@@ -45,13 +45,15 @@ T = TypeVar("T")
 Files = list[tuple[Path, str, int]]  # (file, name shown to the user, class index)
 
 
-@register_dataset("image_folder", shape=lambda cfg: _shape(cfg, _folder_files))
+@register_dataset("image_folder", shape=lambda cfg: _shape(cfg, _folder_files),
+                  description="your images, one sub-folder per class (--data FOLDER)")
 def load_image_folder(cfg: DataCfg, seed: int) -> DataBundle:
     """A folder of class folders, split seeded and stratified, or its own train/ [val/] test/ splits."""
     return _bundle(cfg, seed, *_folder_files(cfg), f"image folder {cfg.path}")
 
 
-@register_dataset("csv_images", shape=lambda cfg: _shape(cfg, _csv_files))
+@register_dataset("csv_images", shape=lambda cfg: _shape(cfg, _csv_files),
+                  description="your images listed in a CSV of path and label (--data FILE.csv)")
 def load_csv_images(cfg: DataCfg, seed: int) -> DataBundle:
     """A CSV with a header: `path` (or image, filename, file) and `label` (or class) columns; paths
     relative to the CSV's folder. Classes are sorted, numerically when every label is a number."""

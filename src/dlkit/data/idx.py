@@ -137,14 +137,16 @@ def _shape(cfg: DataCfg) -> DataShape:
     return DataShape((cfg.channels or 1, size, size), 10, "multiclass")
 
 
-@register_dataset("mnist", shape=_shape)
+@register_dataset("mnist", shape=_shape,
+                  description="MNIST (LeCun, Cortes, Burges): 70,000 28x28 digits in IDX files; downloaded, sha256-checked")
 def load_mnist(cfg: DataCfg, seed: int) -> DataBundle:
     """MNIST handwritten digits. Its files are in the MNIST layout already; a user's picture is laid out
     so at prediction (`framing="mnist"`: its ink found whatever its colours, boxed, centred by mass)."""
     return _load("mnist", DIGITS, "auto", cfg, seed, "MNIST (LeCun, Cortes, Burges)", framing="mnist")
 
 
-@register_dataset("fashion_mnist", shape=_shape)
+@register_dataset("fashion_mnist", shape=_shape,
+                  description="Fashion-MNIST (Zalando, MIT): 70,000 28x28 clothing images; downloaded, sha256-checked")
 def load_fashion_mnist(cfg: DataCfg, seed: int) -> DataBundle:
     """Fashion-MNIST (Zalando): ten garment classes, 28x28 grey.
 

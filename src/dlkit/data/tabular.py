@@ -21,7 +21,7 @@ from dlkit.errors import DataError
 CSV_HINT = "pass --data PATH to a CSV with a header row and the label in the last column"
 
 
-@register_dataset("breast_cancer")
+@register_dataset("breast_cancer", description="scikit-learn's Wisconsin diagnostic breast cancer table (569 rows, 30 features)")
 def load_breast_cancer_bundle(cfg: DataCfg, seed: int) -> DataBundle:
     """Breast Cancer Wisconsin (569 x 30); class 0 "malignant", 1 "benign", as sklearn codes them."""
     data = load_breast_cancer()
@@ -31,7 +31,7 @@ def load_breast_cancer_bundle(cfg: DataCfg, seed: int) -> DataBundle:
     )
 
 
-@register_dataset("csv_table")
+@register_dataset("csv_table", description="your table: a CSV with a header row, the label last (--data FILE.csv)")
 def load_csv_table(cfg: DataCfg, seed: int) -> DataBundle:
     """A CSV at `cfg.path`: a header row, numeric feature columns, and the label in the LAST column.
 
@@ -156,7 +156,7 @@ def _label_key(labels: list[str]) -> Callable[[str], Any]:
     return float
 
 
-@register_dataset("celsius")
+@register_dataset("celsius", description="generated Celsius -> Fahrenheit pairs with noise (S2.1)")
 def load_celsius(cfg: DataCfg, seed: int) -> DataBundle:
     """S2.1's 160 generated (Celsius, Fahrenheit) pairs, f = 1.8 c + 32 + N(0, 1), split at random
     (seeded) into train / val / test by `val_split` and `test_split`; inputs are raw degrees."""
@@ -173,7 +173,7 @@ def load_celsius(cfg: DataCfg, seed: int) -> DataBundle:
                       meta={"source": "generated: f = 1.8 c + 32 + N(0, 1), c uniform in [-40, 60]", "seed": seed})
 
 
-@register_dataset("two_moons")
+@register_dataset("two_moons", description="generated two interleaved half circles (S2.2)")
 def load_two_moons(cfg: DataCfg, seed: int) -> DataBundle:
     """Two interleaving half circles (500 points, noise 0.2), generated with NumPy: a small set a
     straight line cannot separate, for the from-scratch network."""

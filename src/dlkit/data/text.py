@@ -299,7 +299,8 @@ def _text_shape(num_classes: int | None) -> Callable[[DataCfg], DataShape]:
     return shape
 
 
-@register_dataset("imdb", shape=_text_shape(2))
+@register_dataset("imdb", shape=_text_shape(2),
+                  description="IMDb reviews (Maas et al. 2011): 50,000 labelled; downloaded, sha256-checked")
 def load_imdb(cfg: DataCfg, seed: int) -> DataBundle:
     """IMDb movie reviews (Maas et al. 2011): the official 25,000 train / 25,000 test, neg and pos."""
     from dlkit.data.imdb import is_verified, read_imdb
@@ -313,7 +314,7 @@ def load_imdb(cfg: DataCfg, seed: int) -> DataBundle:
     return text_bundle(parts["train"], parts["test"], cfg, seed, source, classes=["neg", "pos"])
 
 
-@register_dataset("text_csv", shape=_text_shape(None))
+@register_dataset("text_csv", shape=_text_shape(None), description="your texts: a CSV of text and label (--data FILE.csv)")
 def load_text_csv(cfg: DataCfg, seed: int) -> DataBundle:
     """The user's CSV (data.path) with a text and a label column (data.text.text_column / label_column)."""
     if not cfg.path:
@@ -348,7 +349,7 @@ def load_text_csv(cfg: DataCfg, seed: int) -> DataBundle:
     return text_bundle(texts, None, cfg, seed, source)
 
 
-@register_dataset("sentences", shape=_text_shape(None))
+@register_dataset("sentences", shape=_text_shape(None), description="labelled sentences written in the recipe itself")
 def load_sentences(cfg: DataCfg, seed: int) -> DataBundle:
     """Labelled texts written into the recipe (data.text.samples), each naming its split."""
     samples = cfg.text.samples
