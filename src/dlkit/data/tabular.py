@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.datasets import load_breast_cancer
 
 from dlkit.config import DataCfg
 from dlkit.data import register_dataset
@@ -24,6 +23,8 @@ CSV_HINT = "pass --data PATH to a CSV with a header row and the label in the las
 @register_dataset("breast_cancer", description="scikit-learn's Wisconsin diagnostic breast cancer table (569 rows, 30 features)")
 def load_breast_cancer_bundle(cfg: DataCfg, seed: int) -> DataBundle:
     """Breast Cancer Wisconsin (569 x 30); class 0 "malignant", 1 "benign", as sklearn codes them."""
+    from sklearn.datasets import load_breast_cancer  # here, not at import: `dlkit describe` needs no scikit-learn
+
     data = load_breast_cancer()
     source = "scikit-learn load_breast_cancer: Breast Cancer Wisconsin (Diagnostic), 569 x 30"
     return table_bundle(

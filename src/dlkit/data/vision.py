@@ -8,7 +8,6 @@ from functools import cache
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch import Tensor
 
 from dlkit.config import DataCfg
@@ -35,6 +34,8 @@ def load_digits_bundle(cfg: DataCfg, seed: int) -> DataBundle:
     """sklearn's 1797 8x8 digits scaled to [0, 1] and laid out as MNIST was made (28x28: the ink's
     bounding box scaled to 20 pixels, centred by its centre of mass), by the very steps `predict`
     applies to a user's picture; grey, or repeated to RGB when data.channels is 3 (ImageNet models)."""
+    from sklearn.datasets import load_digits  # here, not at import: `dlkit describe` needs no scikit-learn
+
     digits = load_digits()
     x = _digits_in_mnist_layout()
     source = ("scikit-learn load_digits: 1797 8x8 greyscale digits (UCI optical recognition), 0..16 -> [0, 1], "
@@ -48,6 +49,8 @@ def load_digits_bundle(cfg: DataCfg, seed: int) -> DataBundle:
 @cache
 def _digits_in_mnist_layout() -> np.ndarray:
     """sklearn's digits laid out once per process (2 s: each image's ink is found as a user's would be)."""
+    from sklearn.datasets import load_digits
+
     frames = [layout_user_digit(img / 16.0) for img in load_digits().images]
     x = np.stack([np.zeros((FRAME, FRAME), np.float32) if f is None else f for f in frames])[:, None]
     x.flags.writeable = False  # shared by every call

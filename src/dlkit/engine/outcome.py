@@ -9,12 +9,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors
-import sklearn
 import torch
 from torch import nn
 
@@ -194,5 +194,5 @@ def training_set_line(ours: int, claimed: int) -> str:
 def library_versions() -> dict[str, str]:
     """Versions that matter for reloading a bundle."""
     return {"dlkit": dlkit.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "safetensors": safetensors.__version__, "scikit-learn": sklearn.__version__,
+            "safetensors": safetensors.__version__, "scikit-learn": version("scikit-learn"),
             "python": platform.python_version()}
