@@ -244,6 +244,14 @@ class RunDir:
         bundle["files"][name] = sha256_file(self.path / name)
         write_json(self.path / "bundle.json", bundle)
 
+    def record_export(self, name: str, info: dict[str, Any]) -> None:
+        """Record an export (`info["file"]`, e.g. model.onnx, already written) as bundle["exports"][name],
+        and its file's digest beside the weights', in one write of bundle.json."""
+        bundle = self.bundle()
+        bundle["files"][info["file"]] = sha256_file(self.path / info["file"])
+        bundle.setdefault("exports", {})[name] = info
+        write_json(self.path / "bundle.json", bundle)
+
     # ---- reading ----------------------------------------------------------------------------
 
     @classmethod
