@@ -135,6 +135,22 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: Move
 
 
 @app.command()
+def export(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
+           format: Annotated[str, typer.Option("--format", metavar="FORMAT", help="Export format: onnx.")] = "onnx",
+           ) -> None:
+    """Write model.onnx into a finished run (dynamic batch axis), checked against PyTorch on its test
+    inputs; prints the file and the largest difference as one JSON line."""
+    if format != "onnx":
+        raise ConfigError(f"--format must be onnx, got '{format}'")
+    from dlkit.serve.export import export_onnx
+
+    result = export_onnx(run_dir)
+    typer.echo(json.dumps({"file": str(result.path), "format": format, "opset": result.opset,
+                           "max_abs_diff": result.max_abs_diff, "checked_on": result.checked_on,
+                           "seconds": result.seconds}))
+
+
+@app.command()
 def predict(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
             inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Image files or folders of them, "
                                                         ".npy arrays, CSV files or rows; texts.")]) -> None:

@@ -11,11 +11,15 @@ Two families decide shapes from values, which a trace would freeze; they export 
   output at step t reads steps <= t only, so the full width gives the same logits; a bidirectional
   layer runs its backward weights over each row's reversed real tokens instead of a packed sequence.
 - DistilBERT cuts the same columns; masked columns get no attention, so the full width is the same.
+And the exporter refuses an adaptive average pool whose output does not divide its input (VGG16 at
+150x150: 4x4 -> 7x7); at a fixed image size that pool is a fixed linear map, exported as two matmuls.
 """
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +150,57 @@ class _TracedTransformer(nn.Module):
         return self.model.model(input_ids=ids, attention_mask=ids != self.model.pad_id).logits
 
 
+def _pool_matrix(out: int, size: int) -> torch.Tensor:
+    """(out, size): row i averages input cells floor(i*size/out) .. ceil((i+1)*size/out) - 1, as torch does."""
+    m = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+class _PoolAsMatmul(nn.Module):
+    """AdaptiveAvgPool2d for one input size: rows @ x @ cols."""
+
+    def __init__(self, out_hw: tuple[int, int], in_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", _pool_matrix(out_hw[0], in_hw[0]))
+        self.register_buffer("cols", _pool_matrix(out_hw[1], in_hw[1]).T.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols
+
+
+@contextmanager
+def _pools_as_matmul(model: nn.Module, example: torch.Tensor) -> Iterator[None]:
+    """Swap, for the export only, each adaptive average pool the exporter refuses for a `_PoolAsMatmul`."""
+    sizes: dict[str, tuple[int, int]] = {}
+    pools = {name: m for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)}
+    hooks = [m.register_forward_hook(lambda m, inp, out, name=name: sizes.__setitem__(name, tuple(inp[0].shape[-2:])))
+             for name, m in pools.items()]
+    try:
+        if pools:
+            with torch.no_grad():
+                model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    swapped = {}
+    for name, in_hw in sizes.items():
+        out = pools[name].output_size
+        out_hw = tuple(i if o is None else o for o, i in zip(out if isinstance(out, tuple) else (out, out), in_hw))
+        if any(i % o for o, i in zip(out_hw, in_hw)):
+            parent, _, child = name.rpartition(".")
+            swapped[name] = pools[name]
+            setattr(model.get_submodule(parent), child, _PoolAsMatmul(out_hw, in_hw))
+    try:
+        yield
+    finally:
+        for name, pool in swapped.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, pool)
+
+
 def traceable(model: nn.Module) -> nn.Module:
     """`model`, or an equivalent module whose forward a trace follows for any batch size and length."""
     if isinstance(model, TextTransformer):
@@ -185,7 +240,7 @@ def export_model(model: nn.Module, path: Path | str, inputs: torch.Tensor, *, op
 
     def produce(tmp: Path) -> None:
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), _pools_as_matmul(model, example):
                 warnings.simplefilter("ignore")  # the tracer's notes and the exporter's deprecation notice
                 # eval before export: the exporter restores the wrapper's mode afterwards, and a new
                 # wrapper is in training mode, which would switch the model's dropout back on
