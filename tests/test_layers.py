@@ -16,7 +16,7 @@ LAYERS = [
     {"models"},
     {"engine", "scratch"},
     {"evaluate"},
-    {"runner", "scratch_run", "recipes", "catalog", "predict", "explain", "demo", "cli", "__init__", "__main__"},
+    {"runner", "scratch_run", "recipes", "catalog", "predict", "explain", "demo", "cli", "serve", "__init__", "__main__"},
 ]
 
 
