@@ -278,6 +278,14 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
     return app
 
 
+def app_from_settings() -> FastAPI:
+    """`dlkit serve --workers N`: each worker process's app, from the settings the command handed over."""
+    import os
+
+    settings = json.loads(os.environ["DLKIT_SERVE_SETTINGS"])
+    return create_app(settings.pop("runs"), **settings)
+
+
 def _warm_up(backend: Backend, bundle: dict[str, Any], max_batch: int) -> None:
     """Run the model once at each batch size it will see often, so the first requests do not pay for
     allocation and (ONNX Runtime) kernel selection."""
