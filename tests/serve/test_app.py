@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -56,12 +57,6 @@ def client(runs):
 
 def upload(*paths: Path) -> list:
     return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
-
-
-def png_bytes(array) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="PNG")
-    return out.getvalue()
 
 
 # ---- answers: the same numbers as dlkit predict ------------------------------------------------------
@@ -472,6 +467,17 @@ def test_serve_mistakes_are_one_error_line(runs, tmp_path, capsys):
             main(argv)
         assert exit_.value.code == 2
         assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_without_the_onnx_backend_serve_says_so_in_one_line(runs, capsys):
+    if importlib.util.find_spec("dlkit.serve.onnx_backend") is not None:
+        pytest.skip("dlkit.serve.onnx_backend is here")
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(runs[TABLE])])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the onnx backend is not available (No module named 'dlkit.serve.onnx_backend'); install dlkit "
+        "with ONNX support or use --backend torch"]
 
 
 def free_port() -> int:
