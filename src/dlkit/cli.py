@@ -209,6 +209,58 @@ def compare(
     typer.echo(table, nl=not table.endswith("\n"))  # csv ends its last record itself
 
 
+@app.command()
+def serve(
+    runs: Annotated[list[str], typer.Argument(metavar="RUN...", help="Finished run directories, or NAME=RUN.")],
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to bind (0.0.0.0 opens it to the network).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT")] = 8000,
+    backend: Annotated[str, typer.Option(metavar="BACKEND", help="onnx (ONNX Runtime) or torch.")] = "onnx",
+    workers: Annotated[int, typer.Option(metavar="N", help="Server processes, each with every model.")] = 1,
+    max_batch: Annotated[int, typer.Option(metavar="N", help="Most rows in one model call.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(metavar="MS", help="Longest wait to fill a batch.")] = 5,
+    api_key_file: Annotated[Path | None, typer.Option(metavar="FILE", help="File holding the key every /v1 "
+                                                      "call must send (Authorization: Bearer KEY).")] = None,
+    cors: Annotated[list[str], typer.Option(metavar="ORIGIN", help="Allow browser calls from ORIGIN "
+                                            "(repeatable); none by default.")] = [],
+) -> None:
+    """Serve runs over HTTP: a REST API (OpenAPI at /docs), predictions batched, explanations in PyTorch."""
+    import uvicorn
+
+    from dlkit.serve.app import create_app
+
+    if not 0 < port < 65536 or workers < 1:
+        raise ConfigError(f"--port must be 1..65535 and --workers at least 1, got {port} and {workers}")
+    key = _api_key(api_key_file)
+    settings = {"backend": backend, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "api_key": key,
+                "cors": cors or None}
+    application = create_app(runs, **settings)  # checks the runs and options before the server starts
+    names = ", ".join(application.state.models)
+    typer.echo(f"serving {names} on http://{host}:{port} ({backend} backend; API docs at /docs)", err=True)
+    if workers == 1:
+        uvicorn.run(application, host=host, port=port, log_level="info")
+        return
+    # each worker process builds its own app from the same settings, handed over by dlkit alone
+    import os
+
+    os.environ["DLKIT_SERVE_SETTINGS"] = json.dumps({"runs": runs, **settings})
+    uvicorn.run("dlkit.serve.app:app_from_settings", factory=True, host=host, port=port, workers=workers,
+                log_level="info")
+
+
+def _api_key(path: Path | None) -> str | None:
+    """The key in --api-key-file (its first line, stripped), or None."""
+    if path is None:
+        return None
+    try:
+        key = path.expanduser().read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--api-key-file {path}: cannot read it ({exc}); give a UTF-8 file holding the key") from None
+    if not key or len(key[0].strip()) < 16:
+        raise ConfigError(f"--api-key-file {path}: the key on its first line must be at least 16 characters")
+    return key[0].strip()
+
+
 def _execute(recipe: Any, out: Path | None, quiet: bool, report: bool | None = None) -> Path:
     """Run a resolved recipe, print its result line and report (unless quiet) and its run directory;
     return the latter."""
