@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -438,14 +437,20 @@ def test_the_page_says_it_comes_later_until_it_exists(client):
     assert "/v1/models/{name}/predict" in client.get("/openapi.json").json()["paths"]
 
 
-def test_onnx_backend_serves_the_same_labels(runs):
-    pytest.importorskip("dlkit.serve.onnx_backend", reason="dlkit.serve.onnx_backend lands with the export branch")
-    with ready_client(create_app({"t": runs[TABLE]})) as onnx, ready_client(
-            create_app({"t": runs[TABLE]}, backend="torch")) as torch_:
-        row = {"inputs": [[0.5] * 30]}
-        a = onnx.post("/v1/models/t/predict", json=row).json()["predictions"][0]
-        b = torch_.post("/v1/models/t/predict", json=row).json()["predictions"][0]
-    assert a["label"] == b["label"] and abs(a["confidence"] - b["confidence"]) <= 1e-5
+def test_the_onnx_backend_exports_on_first_serve_and_answers_as_torch_does(runs, digit_files, tmp_path):
+    import shutil
+
+    run = Path(shutil.copytree(runs[DIGITS], tmp_path / "digits"))
+    assert not (run / "model.onnx").exists()
+    with ready_client(create_app({"d": run})) as onnx, ready_client(create_app({"d": run}, backend="torch")) as eager:
+        for path in digit_files:
+            a = onnx.post("/v1/models/d/predict", files=upload(path)).json()["predictions"][0]
+            b = eager.post("/v1/models/d/predict", files=upload(path)).json()["predictions"][0]
+            assert a["label"] == b["label"]
+            assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) <= 2e-6
+    bundle = json.loads((run / "bundle.json").read_text())
+    assert set(bundle["files"]) == {"model.safetensors", "model.onnx"}  # exported once, verified before use
+    assert bundle["exports"]["onnx"]["max_abs_diff"] < 1e-4
 
 
 # ---- the command line and a real server -----------------------------------------------------------------
@@ -467,17 +472,6 @@ def test_serve_mistakes_are_one_error_line(runs, tmp_path, capsys):
             main(argv)
         assert exit_.value.code == 2
         assert capsys.readouterr().err.strip().splitlines() == [line]
-
-
-def test_without_the_onnx_backend_serve_says_so_in_one_line(runs, capsys):
-    if importlib.util.find_spec("dlkit.serve.onnx_backend") is not None:
-        pytest.skip("dlkit.serve.onnx_backend is here")
-    with pytest.raises(SystemExit) as exit_:
-        main(["serve", str(runs[TABLE])])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: the onnx backend is not available (No module named 'dlkit.serve.onnx_backend'); install dlkit "
-        "with ONNX support or use --backend torch"]
 
 
 def free_port() -> int:
