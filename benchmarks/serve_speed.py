@@ -21,6 +21,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,6 +225,7 @@ def main() -> None:
         for proc in (dlkit_proc, naive_proc, nowait_proc):
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(timeout=15)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
