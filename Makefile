@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lstm_speed.py
 	$(BIN)/python benchmarks/metric_stream.py
 	$(BIN)/python benchmarks/run_integrity.py
+	$(BIN)/python benchmarks/serve_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

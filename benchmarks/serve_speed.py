@@ -1,0 +1,242 @@
+"""`dlkit serve` (ONNX Runtime, batching) against a naive FastAPI server (the same model in torch eager,
+one request at a time), one load generator, one run.
+
+Models: the seed MNIST CNN (digits-cnn, one epoch) asked with a 56x56 PNG digit as base64 JSON, and
+the S0.2-style breast-cancer LSTM (breast-cancer-lstm, one epoch) asked with one table row. Both
+servers are uvicorn processes on loopback ports; the naive one (this file, `--naive`) also has
+`POST /floor`, which reads the body and answers a constant: the HTTP floor under both.
+The load generator is raw asyncio HTTP/1.1 over keep-alive connections (cheaper than an HTTP
+library: on two cores the client shares the CPU with the server). For each concurrency (1, 8, 32),
+closed loop: every connection sends its next request when the last one is answered.
+Prints one JSON line per (target, model, concurrency): requests/s and p50/p95/p99 ms, plus the
+machine (cores, torch and ONNX Runtime threads) and ONNX Runtime's own time for one row.
+Goal (issue 15): at concurrency 32, >= 3x the naive server's throughput with a p99 no worse; at
+concurrency 1, p50 within 1 ms of the floor plus ONNX Runtime's own time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request  # at module level: FastAPI reads the handlers' annotations
+
+HOST = "127.0.0.1"
+CONCURRENCY = (1, 8, 32)
+REQUESTS = {1: 400, 8: 1200, 32: 2400}  # per measurement, after 100 warm-up requests
+
+
+# ---- the naive server -------------------------------------------------------------------------------
+
+def naive_app(runs: dict[str, str]):
+    """FastAPI over the runs' torch models, eager, one request at a time (an asyncio.Lock)."""
+    import torch
+
+    from dlkit.data.preprocess import prep_from_dict
+    from dlkit.predict import Predictor
+    from dlkit.serve.inputs import answers, prepare
+
+    app = FastAPI()
+    predictors = {name: Predictor.from_run(run) for name, run in runs.items()}
+    specs = {name: prep_from_dict(p.bundle["preprocessing"]) for name, p in predictors.items()}
+    lock = asyncio.Lock()
+
+    @app.post("/floor")
+    async def floor(request: Request) -> dict:
+        await request.body()
+        return {"ok": True}
+
+    @app.get("/threads")
+    async def threads() -> dict:
+        return {"torch_threads": torch.get_num_threads()}
+
+    @app.post("/v1/models/{name}/predict")
+    async def predict(name: str, request: Request) -> dict:
+        p = predictors[name]
+        body = json.loads(await request.body())
+        async with lock:  # one request at a time, in the event loop: the notebook way to serve
+            x = torch.cat([rows for rows, _ in prepare(specs[name], [("x", v) for v in body["inputs"]], False)])
+            with torch.inference_mode():
+                logits = p.model.eval()(x)
+        return {"model": name, "predictions": answers(p.bundle, logits, [None] * len(x))}
+
+    return app
+
+
+# ---- the load generator -----------------------------------------------------------------------------
+
+def http_post(path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(h.split(":", 1)[1]) for h in lines if h.lower().startswith("content-length:"))
+    return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
+async def load(port: int, request: bytes, n: int, concurrency: int) -> tuple[float, list[float], int]:
+    """n requests over `concurrency` keep-alive connections: seconds, latencies (ms), non-200 count."""
+    todo = iter(range(n))
+    latencies: list[float] = []
+    errors = 0
+
+    async def connection() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(HOST, port)
+        for _ in todo:
+            started = time.perf_counter()
+            writer.write(request)
+            status, _ = await answer(reader)
+            latencies.append((time.perf_counter() - started) * 1000)
+            errors += status != 200
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies, errors
+
+
+def measure(port: int, path: str, body: bytes, concurrency: int) -> dict:
+    request = http_post(path, body)
+    asyncio.run(load(port, request, 100, concurrency))
+    seconds, ms, errors = asyncio.run(load(port, request, REQUESTS[concurrency], concurrency))
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {"requests": len(ms), "errors": errors, "rps": round(len(ms) / seconds, 1),
+            "p50_ms": round(float(p50), 2), "p95_ms": round(float(p95), 2), "p99_ms": round(float(p99), 2)}
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], log: Path) -> tuple[subprocess.Popen, int]:
+    """A server process on a free port, once it answers 200 at /ready (dlkit) or /threads (naive)."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "DLKIT_REPORT": "0"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server {args} did not start:\n{log.read_text()}")
+        try:
+            if httpx.get(f"http://{HOST}:{port}/ready", timeout=1).status_code == 200 or \
+                    httpx.get(f"http://{HOST}:{port}/threads", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def inputs(runs: dict[str, Path]) -> dict[str, bytes]:
+    """Each model's request body: a real digit (sklearn's scan, 56x56 PNG, base64) and a table row."""
+    from PIL import Image
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    page = 255 - np.kron(load_digits().images[0] / 16 * 255, np.ones((7, 7))).astype(np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(page).save(png, format="PNG")
+    return {"digits-cnn": json.dumps({"inputs": [base64.b64encode(png.getvalue()).decode()]}).encode(),
+            "breast-cancer-lstm": json.dumps({"inputs": [load_breast_cancer().data[0].tolist()]}).encode()}
+
+
+def ort_ms(run: Path, body: bytes) -> tuple[float, int]:
+    """ONNX Runtime's own time for the request's one row (median of 200 calls, ms), and its threads."""
+    import torch
+
+    from dlkit.data.preprocess import prep_from_dict
+    from dlkit.rundir import RunDir
+    from dlkit.serve.inputs import prepare
+    from dlkit.serve.onnx_backend import OnnxBackend
+
+    backend = OnnxBackend.from_run(RunDir.open(run))
+    spec = prep_from_dict(RunDir.open(run).bundle()["preprocessing"])
+    x = torch.cat([r for r, _ in prepare(spec, [("x", v) for v in json.loads(body)["inputs"]], False)])
+    times = []
+    for _ in range(220):
+        started = time.perf_counter()
+        backend(x)
+        times.append((time.perf_counter() - started) * 1000)
+    threads = backend.sess.get_session_options().intra_op_num_threads
+    return float(np.median(times[20:])), threads
+
+
+def main() -> None:
+    import torch
+
+    import dlkit
+
+    root = Path(tempfile.mkdtemp(prefix="serve-speed-"))
+    runs = {name: dlkit.run(name, epochs=1, out=root / name, quiet=True, report=False).run_dir
+            for name in ("digits-cnn", "breast-cancer-lstm")}
+    bodies = inputs(runs)
+    own = {name: ort_ms(run, bodies[name]) for name, run in runs.items()}
+    this = str(Path(__file__).resolve())
+    served = [f"{n}={r}" for n, r in runs.items()]
+    dlkit_proc, dlkit_port = start(["-m", "dlkit", "serve", *served], root / "dlkit.log")
+    naive_proc, naive_port = start([this, "--naive", *served], root / "naive.log")
+    # the same server without waiting for batch-mates: what the 5 ms batching window costs a lone client
+    nowait_proc, nowait_port = start(["-m", "dlkit", "serve", *served, "--max-wait-ms", "0"], root / "nowait.log")
+    import httpx
+
+    machine = {"cores": os.cpu_count(), "torch": torch.__version__,
+               "naive_torch_threads": httpx.get(f"http://{HOST}:{naive_port}/threads").json()["torch_threads"],
+               "ort_intra_op_threads": own["digits-cnn"][1] or "default (one per core)", "ort_inter_op_threads": 1,
+               "client": "asyncio raw HTTP/1.1, same machine"}
+    try:
+        for concurrency in CONCURRENCY:
+            floor = measure(naive_port, "/floor", bodies["digits-cnn"], concurrency)
+            print(json.dumps({"benchmark": "serve_speed", "target": "http-floor", "model": None,
+                              "concurrency": concurrency, **floor, "machine": machine}), flush=True)
+            for name, body in bodies.items():
+                path = f"/v1/models/{name}/predict"
+                results = {"dlkit-serve-onnx": measure(dlkit_port, path, body, concurrency),
+                           "naive-torch-eager": measure(naive_port, path, body, concurrency)}
+                if concurrency == 1:
+                    results["dlkit-serve-onnx-max-wait-0"] = measure(nowait_port, path, body, concurrency)
+                for target, result in results.items():
+                    line = {"benchmark": "serve_speed", "target": target, "model": name, "concurrency": concurrency,
+                            **result, "ort_ms_one_row": round(own[name][0], 3) if target.startswith("dlkit") else None,
+                            "machine": machine}
+                    print(json.dumps(line), flush=True)
+    finally:
+        for proc in (dlkit_proc, naive_proc, nowait_proc):
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--naive", nargs="+", metavar="NAME=RUN")
+    parser.add_argument("--port", type=int)
+    options = parser.parse_args()
+    if options.naive:
+        import uvicorn
+
+        uvicorn.run(naive_app(dict(r.split("=", 1) for r in options.naive)), host=HOST, port=options.port,
+                    log_level="warning")
+    else:
+        main()
