@@ -59,3 +59,14 @@ def test_framing_is_saved_and_old_bundles_keep_resizing():
     page[0, :, 10:30, 12:18] = 1.0
     out = ImagePrep(3, (32, 32), framing="mnist").apply(page)
     assert out.shape == (2, 3, 32, 32) and out[1].abs().sum() == 0  # no ink: an empty frame
+
+
+def test_a_picture_one_pixel_high_or_wide_stays_two_dimensional():
+    line = np.ones((1, 40))
+    line[0, 10:20] = 0.0  # a dark dash on a page 1 pixel high
+    frame = layout_user_digit(line)
+    assert frame is not None and frame.shape == (28, 28) and frame.max() > 0  # found, laid out, no error
+    assert layout_user_digit(np.ones((40, 1))) is None  # blank: no ink, not an error
+    assert mnist_layout(np.ones((1, 1, 3, 5))).shape == (28, 28)
+    with pytest.raises(ValueError, match=r"^mnist_layout takes one 2-D image, got shape \(2, 3, 5\)$"):
+        mnist_layout(np.ones((2, 3, 5)))

@@ -61,9 +61,9 @@ def mnist_layout(ink: np.ndarray | Tensor) -> np.ndarray:
 def placed_layout(ink: np.ndarray | Tensor) -> tuple[np.ndarray, Placement | None]:
     """`mnist_layout`, with where the frame's pixels came from (None for an empty frame)."""
     a = np.asarray(ink.detach().cpu() if isinstance(ink, Tensor) else ink, dtype=np.float32)
-    a = np.clip(np.squeeze(a), 0.0, 1.0)
-    if a.ndim != 2:
+    if a.ndim < 2 or any(n != 1 for n in a.shape[:-2]):
         raise ValueError(f"mnist_layout takes one 2-D image, got shape {a.shape}")
+    a = np.clip(a.reshape(a.shape[-2:]), 0.0, 1.0)  # leading size-1 axes only: 1 pixel high stays 2-D
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)
     rows, cols = np.flatnonzero(a.max(1) > 0), np.flatnonzero(a.max(0) > 0)
     if len(rows) == 0:
@@ -157,9 +157,9 @@ def digit_note(image: Tensor, grey: Tensor, grey_model: bool) -> str | None:
 def _working(gray: np.ndarray | Tensor) -> np.ndarray:
     """The picture as float64 (H, W), shrunk (antialiased) to WORK_SIDE on its longer side if larger."""
     t = gray.detach().cpu().float() if isinstance(gray, Tensor) else torch.from_numpy(np.asarray(gray, np.float32))
-    t = t.squeeze()
-    if t.ndim != 2:
+    if t.ndim < 2 or any(n != 1 for n in t.shape[:-2]):
         raise ValueError(f"expected one grey image (H, W), got shape {tuple(t.shape)}")
+    t = t.reshape(t.shape[-2:])  # leading size-1 axes only: a picture 1 pixel high stays 2-D
     h, w = t.shape
     if max(h, w) > WORK_SIDE:
         scale = WORK_SIDE / max(h, w)

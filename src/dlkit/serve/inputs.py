@@ -74,11 +74,6 @@ def mapped_errors(path: Path | None, label: str) -> Iterator[None]:
     except InputError as exc:
         message = str(exc).replace(str(path), label) if path is not None else str(exc)
         raise ClientError(input_status(exc), message) from None
-    except ValueError as exc:  # the digit layout takes a picture 1 pixel high or wide for less than 2-D
-        if "expected one grey image" not in str(exc):
-            raise
-        raise ClientError(400, f"{label}: a picture 1 pixel high or wide holds no digit; send one at least "
-                               "2x2 pixels") from None
 
 
 def image_bytes(label: str, value: Any, uploads: bool) -> bytes:
