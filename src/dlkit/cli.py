@@ -218,7 +218,7 @@ def serve(
     backend: Annotated[str, typer.Option(metavar="BACKEND", help="onnx (ONNX Runtime) or torch.")] = "onnx",
     workers: Annotated[int, typer.Option(metavar="N", help="Server processes, each with every model.")] = 1,
     max_batch: Annotated[int, typer.Option(metavar="N", help="Most rows in one model call.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(metavar="MS", help="Longest wait to fill a batch.")] = 5,
+    max_wait_ms: Annotated[float, typer.Option(metavar="MS", help="Extra wait to fill a batch (0: what is waiting).")] = 0,
     api_key_file: Annotated[Path | None, typer.Option(metavar="FILE", help="File holding the key every /v1 "
                                                       "call must send (Authorization: Bearer KEY).")] = None,
     cors: Annotated[list[str], typer.Option(metavar="ORIGIN", help="Allow browser calls from ORIGIN "

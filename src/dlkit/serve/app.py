@@ -142,7 +142,7 @@ def backend_factory(kind: str) -> Callable[[Served], Backend]:
 
 
 def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str = "onnx", max_batch: int = 32,
-               max_wait_ms: float = 5, queue_limit: int = QUEUE_LIMIT, api_key: str | None = None,
+               max_wait_ms: float = 0, queue_limit: int = QUEUE_LIMIT, api_key: str | None = None,
                body_limit: int = BODY_LIMIT, cors: str | list[str] | None = None,
                timeout_s: float = TIMEOUT_S) -> FastAPI:
     """The API over `runs` (run directories, `NAME=RUN` strings, or {name: run}). Runs are checked now;

@@ -1,9 +1,10 @@
 """Request batching: one worker per model gathers concurrent requests into one model call.
 
-A request's rows join the batch being gathered until it holds `max_batch` rows or `max_wait_ms` has
-passed since its first request arrived; the model then runs in the worker's own thread (the event
-loop stays free, and calls to one model never overlap). The queue is bounded: a full one refuses at
-once (503 with Retry-After). A request still waiting at its deadline answers 504 and is dropped
+A batch is whatever is waiting when the worker is free, up to `max_batch` rows: under load requests
+pile up while the model runs the previous batch, so batches form without delaying a lone request.
+`max_wait_ms` (0 by default) lets the worker also wait that long for more. The model runs in the
+worker's own thread (the event loop stays free, and calls to one model never overlap). The queue is
+bounded: a full one refuses at once (503 with Retry-After). A request still waiting at its deadline answers 504 and is dropped
 before it reaches the model. Rows are independent in eval mode, so a request's answer does not
 depend on its batch-mates (to float rounding; tested to 1e-6).
 """
@@ -51,7 +52,7 @@ class _Job:
 class Batcher:
     """One model's queue and worker. `submit(x)` answers the logits of x's rows."""
 
-    def __init__(self, name: str, backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5,
+    def __init__(self, name: str, backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 0,
                  queue_limit: int = 256, timeout_s: float = 10.0,
                  observe: Callable[[int], None] | None = None) -> None:
         self.name = name
@@ -136,7 +137,8 @@ class Batcher:
         return torch.cat(outs)
 
     async def _gather(self) -> list[_Job]:
-        """The next batch: the first live job, then more until max_batch rows or max_wait has passed."""
+        """The next batch: the first live job, then every job already waiting, then (with max_wait) those
+        arriving before max_wait has passed, up to max_batch rows."""
         jobs: list[_Job] = []
         rows = 0
         first, self.carry = self.carry or await self.queue.get(), None
@@ -144,13 +146,16 @@ class Batcher:
             jobs, rows = [first], len(first.x)
         until = time.monotonic() + self.max_wait
         while rows < self.max_batch:
-            left = until - time.monotonic()
-            if left <= 0:
-                break
             try:
-                job = await asyncio.wait_for(self.queue.get(), left)
-            except TimeoutError:
-                break
+                job = self.queue.get_nowait()  # waiting already: no delay
+            except asyncio.QueueEmpty:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), left)
+                except TimeoutError:
+                    break
             if not self._live(job):
                 continue
             if jobs and rows + len(job.x) > self.max_batch:
