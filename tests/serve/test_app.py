@@ -6,12 +6,7 @@ import asyncio
 import base64
 import io
 import json
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -474,41 +469,11 @@ def test_serve_mistakes_are_one_error_line(runs, tmp_path, capsys):
         assert capsys.readouterr().err.strip().splitlines() == [line]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_real_server_starts_answers_and_stops_on_sigterm(runs, tmp_path):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(dlkit.__file__).parents[1]), "DLKIT_REPORT": "0"}
+def test_a_real_server_starts_answers_and_stops_on_sigterm(runs, serving, tmp_path):
     log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dlkit", "serve", f"t={runs[TABLE]}", "--backend", "torch",
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with serving([f"t={runs[TABLE]}", "--backend", "torch"], log) as (base, proc):
         r = httpx.post(f"{base}/v1/models/t/predict", json={"inputs": [[0.0] * 30]}, timeout=5)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("malignant", "benign")
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"the server did not stop within 10 s of SIGTERM:\n{log.read_text()}") from None
     text = log.read_text()
-    assert code == 0, text  # uvicorn takes SIGTERM as the order to stop: a graceful shutdown, exit 0
+    assert proc.returncode == 0, text  # uvicorn takes SIGTERM as the order to stop: a graceful shutdown, exit 0
     assert "Traceback" not in text and "Application shutdown complete" in text, text

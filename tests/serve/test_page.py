@@ -6,17 +6,10 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-
-import dlkit
 
 KEY = "page-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -43,39 +36,16 @@ def browser() -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def server(browser, request, tmp_path_factory) -> Iterator[str]:
+def server(browser, request, serving, tmp_path_factory) -> Iterator[str]:
     """A real `dlkit serve` on a free loopback port, ready; stopped by PID afterwards. The runs are asked
     for only here, so a missing browser skips before any training."""
     runs = request.getfixturevalue("runs")
     folder = tmp_path_factory.mktemp("page-server")
     (folder / "key").write_text(KEY + "\n")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(dlkit.__file__).parents[1]), "DLKIT_REPORT": "0"}
-    log = folder / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dlkit", "serve", str(runs[DIGITS]), str(runs[TABLE]),
-                                 str(runs[TEXT]), "--backend", "torch", "--port", str(port),
-                                 "--api-key-file", str(folder / "key")], stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    args = [str(runs[DIGITS]), str(runs[TABLE]), str(runs[TEXT]), "--backend", "torch",
+            "--api-key-file", str(folder / "key")]
+    with serving(args, folder / "server.log") as (base, _):
         yield base
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -98,14 +68,6 @@ def page(browser, server):
     yield tab
     context.close()
     assert problems == []
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(server: str, name: str, route: str = "predict", **kwargs) -> httpx.Response:

@@ -6,13 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import select
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from collections import Counter
@@ -27,8 +23,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis import GenerationMode
-
-import dlkit
 
 DIGITS, TABLE, TEXT = "digits-cnn", "breast-cancer-lstm", "tiny-text-lstm"
 MIB = 1024 * 1024
@@ -50,42 +44,12 @@ class Server:
         raise AssertionError(f"no VmRSS for {self.pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory) -> Iterator[Server]:
+def server(runs, serving, tmp_path_factory) -> Iterator[Server]:
     """`python -m dlkit serve` over the three runs (torch backend), ready; stopped by PID afterwards."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(dlkit.__file__).parents[1]), "DLKIT_REPORT": "0"}
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dlkit", "serve", *(str(runs[n]) for n in (DIGITS, TABLE, TEXT)),
-                                 "--backend", "torch", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    served = Server(f"http://127.0.0.1:{port}", proc.pid, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{served.base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield served
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serving([*(str(runs[n]) for n in (DIGITS, TABLE, TEXT)), "--backend", "torch"], log) as (base, proc):
+        yield Server(base, proc.pid, log)
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
