@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from dlkit.config import Recipe, apply_overrides, parse_recipe, read_yaml, set_epochs
+from dlkit.config import Recipe, apply_overrides, parse_recipe, set_epochs
 from dlkit.errors import ConfigError, RegistryError
 from dlkit.models import build, check_args
 from dlkit.recipes import load_recipe, recipe_registry
 from dlkit.runner import build_model
+from dlkit.yamlfile import read_yaml
 
 PACKAGED = ["breast-cancer-lstm", "digits-cnn", "digits-mlp"]
 
@@ -290,7 +291,7 @@ def test_a_recipe_that_is_not_utf8_or_too_large_is_refused_before_parsing(tmp_pa
 
 
 def test_load_yaml_text_names_its_origin():
-    from dlkit.config import load_yaml_text
+    from dlkit.yamlfile import load_yaml_text
 
     assert load_yaml_text("a: 1e-3\nb: [x]\n", "run x's recipe.yaml") == {"a": 0.001, "b": ["x"]}
     with pytest.raises(ConfigError, match=r"^run x's recipe.yaml is not valid YAML at line 3; fix the syntax$"):

@@ -30,9 +30,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dlkit.config import Recipe, parse_recipe, read_yaml
+from dlkit.config import Recipe, parse_recipe
 from dlkit.errors import ConfigError, DlkitError, RunDirError
 from dlkit.files import write_json, write_text
+from dlkit.yamlfile import read_yaml
 
 BUNDLE_FORMAT = "dlkit-bundle/2"  # 2: bundle.json records the sha256 of the files it needs
 WEIGHTS = "model.safetensors"

@@ -6,9 +6,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dlkit.config import Recipe, apply_overrides, parse_recipe, read_yaml, set_epochs, set_path
+from dlkit.config import Recipe, apply_overrides, parse_recipe, set_epochs, set_path
 from dlkit.errors import ConfigError
 from dlkit.registry import Registry
+from dlkit.yamlfile import read_yaml
 
 
 @functools.cache
