@@ -9,7 +9,6 @@ of hashing the bytes, not of reading them from disk.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dlkit.engine.checkpoint import load_weights, save_weights
+from dlkit.files import sha256_file
 
 PARAMS, TENSORS, REPEATS = 25_600_000, 160, 5
 
@@ -54,14 +54,10 @@ def main() -> None:
         plain, ours = Path(folder) / "plain.safetensors", Path(folder) / "last.safetensors"
         save_plain = median_seconds(lambda: save_file(state, str(plain)))
         save_ours = median_seconds(lambda: save_weights(model, ours, meta))
-        digest = hashlib.sha256(ours.read_bytes()).hexdigest()
+        digest = sha256_file(ours)
 
         def verified_load() -> None:
-            h = hashlib.sha256()
-            with open(ours, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            assert h.hexdigest() == digest
+            assert sha256_file(ours) == digest  # as RunDir.verify checks before a load
             load_weights(model, ours)
 
         load_plain = median_seconds(lambda: model.load_state_dict(load_file(str(plain))))

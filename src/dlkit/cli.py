@@ -317,7 +317,7 @@ def _main(argv: list[str] | None) -> None:
         print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:  # the file system refused (full disk, read-only place, a file where a folder goes)
-        from dlkit.rundir import error_line
+        from dlkit.errors import error_line
 
         print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(2)

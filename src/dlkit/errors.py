@@ -46,6 +46,15 @@ class RunInterrupted(Exception):
         self.exit_code = 143 if isinstance(cause, Terminated) else 130
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for an error: a DlkitError's message, an OS error as `what: file`, else the text."""
+    if isinstance(exc, DlkitError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return " (did you mean 'x'?)" for the closest choice, or "" when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

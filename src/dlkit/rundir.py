@@ -20,7 +20,6 @@ names their digest, then the summary, then the status: a run is finished only on
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,8 +30,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dlkit.config import Recipe, parse_recipe
-from dlkit.errors import ConfigError, DlkitError, RunDirError
-from dlkit.files import write_json, write_text
+from dlkit.errors import ConfigError, RunDirError
+from dlkit.files import sha256_file, write_json, write_text
 from dlkit.yamlfile import read_yaml
 
 BUNDLE_FORMAT = "dlkit-bundle/2"  # 2: bundle.json records the sha256 of the files it needs
@@ -163,15 +162,6 @@ class EpochSpec(_Spec):
     stage: int = Field(ge=0)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class RunDir:
     """A run on disk. `create` starts one (state running); `open` reads a finished one."""
 
@@ -238,12 +228,6 @@ class RunDir:
                                                "files": {WEIGHTS: sha256_file(self.weights)}})
         write_json(self.path / "summary.json", summary)
         self.mark("finished", "")
-
-    def add_file(self, name: str) -> None:
-        """Record the digest of another file the bundle needs (model.onnx), beside the weights'."""
-        bundle = self.bundle()
-        bundle["files"][name] = sha256_file(self.path / name)
-        write_json(self.path / "bundle.json", bundle)
 
     def record_export(self, name: str, info: dict[str, Any]) -> None:
         """Record an export (`info["file"]`, e.g. model.onnx, already written) as bundle["exports"][name],
@@ -367,12 +351,3 @@ def _first_error(exc: ValidationError) -> str:
         return f"field '{field}' is missing"
     msg = err["msg"].removeprefix("Value error, ")
     return f"field '{field}': {msg[0].lower() + msg[1:]}" if field else msg[0].lower() + msg[1:]
-
-
-def error_line(exc: BaseException) -> str:
-    """A DlkitError's message, or an OS error as `what: file`."""
-    if isinstance(exc, DlkitError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from dlkit.errors import RunDirError
+from dlkit.files import sha256_file
 from dlkit.models import build
-from dlkit.rundir import RunDir, sha256_file
+from dlkit.rundir import RunDir
 from dlkit.serve.export import ExportError, export_model, export_onnx, session
 from dlkit.serve.onnx_backend import OnnxBackend
 

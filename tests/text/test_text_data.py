@@ -34,7 +34,8 @@ def test_imdb_from_the_official_archive(imdb_archive, tmp_path, monkeypatch) -> 
 
 def test_imdb_says_official_only_for_the_checked_archive(imdb_archive, tmp_path, monkeypatch) -> None:
     from dlkit.data import imdb
-    from dlkit.data.download import RemoteFile, sha256_file
+    from dlkit.data.download import RemoteFile
+    from dlkit.files import sha256_file
 
     archive = imdb_archive / imdb.ARCHIVE.name
     monkeypatch.setattr(imdb, "ARCHIVE", RemoteFile(archive.name, sha256_file(archive), imdb.ARCHIVE.urls))

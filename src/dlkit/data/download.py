@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 from dlkit import __version__
 from dlkit.config import DataCfg
 from dlkit.errors import DataError
-from dlkit.files import write_atomic
+from dlkit.files import sha256_file, write_atomic
 
 _CHUNK = 1 << 20
 _USER_AGENT = f"dlkit/{__version__} (Python-urllib/{sys.version_info.major}.{sys.version_info.minor})"
@@ -57,15 +57,6 @@ def cache_dir(dataset: str) -> Path:
     # the XDG spec says a relative value is invalid and must be ignored
     root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return root / "dlkit" / "datasets" / dataset
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_deadline(size: int | None) -> float:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlkit.config import DataCfg
-from dlkit.data.download import ExtractLimits, RemoteFile, cache_dir, locate, safe_extract, sha256_file
+from dlkit.data.download import ExtractLimits, RemoteFile, cache_dir, locate, safe_extract
 from dlkit.errors import DataError
+from dlkit.files import sha256_file
 
 FOLDER = "aclImdb"
 SPLITS = ("train", "test")

@@ -25,9 +25,9 @@ from dlkit.engine.checkpoint import read_meta, save_weights
 from dlkit.engine.loop import History
 from dlkit.engine.optim import metric_mode
 from dlkit.engine.progress import PlainProgress
-from dlkit.errors import RunInterrupted, TrainingError
+from dlkit.errors import RunInterrupted, TrainingError, error_line
 from dlkit.models.surface import DlkitModel
-from dlkit.rundir import RunDir, error_line
+from dlkit.rundir import RunDir
 
 LEARNED_VALUES = ("weight", "bias")  # claims of a value to learn (S2.1's 1.8 and 32), neither min nor max
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dlkit.data.download import sha256_file
 from dlkit.errors import ConfigError, DataError
+from dlkit.files import sha256_file
 
 _MIRROR_ENV = "DLKIT_WEIGHTS_URL"
 DOWNLOAD_TIMEOUT_S = 30.0  # a server that stops answering fails the download instead of hanging it
