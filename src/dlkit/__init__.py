@@ -11,3 +11,10 @@ def run(*args: Any, **kwargs: Any) -> Any:
     from dlkit.runner import run as run_recipe
 
     return run_recipe(*args, **kwargs)
+
+
+def resume(*args: Any, **kwargs: Any) -> Any:
+    """Continue an interrupted or killed run to the result it would have had; see `dlkit.runner.resume`."""
+    from dlkit.runner import resume as resume_run
+
+    return resume_run(*args, **kwargs)

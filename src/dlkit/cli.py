@@ -125,6 +125,20 @@ def train(model: Annotated[str, typer.Option(metavar="NAME", help="A registered 
 
 
 @app.command()
+def resume(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
+           force: Annotated[bool, typer.Option("--force", help=(
+               "Continue even though the recipe, data or library versions differ from the checkpoint's "
+               "(said in the report)."))] = False,
+           quiet: QuietOpt = False, report: ReportOpt = None) -> None:
+    """Continue an interrupted or killed run from its newest whole checkpoint and finish it: the same
+    weights and metrics the uninterrupted run would have (same machine, seed, versions, threads)."""
+    from dlkit.engine.progress import make_progress
+    from dlkit.runner import resume as resume_run
+
+    _show_result(resume_run(run_dir, force=force, report=report, progress=make_progress(quiet)), quiet)
+
+
+@app.command()
 def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedDataOpt = None,
              data_dir: MovedDataDirOpt = None) -> None:
     """Re-test a finished run on its test split and print the metrics as JSON (the data must be
@@ -267,7 +281,11 @@ def _execute(recipe: Any, out: Path | None, quiet: bool, report: bool | None = N
     from dlkit.engine.progress import make_progress
     from dlkit.runner import execute
 
-    result = execute(recipe, out=out, progress=make_progress(quiet), report=report)
+    return _show_result(execute(recipe, out=out, progress=make_progress(quiet), report=report), quiet)
+
+
+def _show_result(result: Any, quiet: bool) -> Path:
+    """Print a finished run's result line and report (unless quiet) and its run directory; return the latter."""
     page = result.run_dir / "report.html"
     if not quiet:
         typer.echo(result_line(result.summary))

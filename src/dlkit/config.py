@@ -1,9 +1,10 @@
 """Recipes: YAML validated by pydantic, with `a.b=c` overrides and one-line errors."""
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dlkit.errors import ConfigError, did_you_mean
 from dlkit.yamlfile import load_yaml_value
@@ -190,6 +191,31 @@ class TrainCfg(Strict):
     cache_features: Literal["auto", "off"] = "auto"
     # numpy: dlkit.scratch trains the model (an mlp) by hand-written backpropagation, no autograd
     engine: Literal["torch", "numpy"] = "torch"
+    # a resumable checkpoint is written after every epoch and, inside an epoch, every this many optimizer
+    # steps (an int) or this much training time ("30s", "10m", "1h"): at most that much work is lost
+    checkpoint_every: int | str = "10m"
+    checkpoint_keep: int = Field(2, ge=1)  # resumable checkpoints kept (the newest)
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _every(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"must be a number of steps >= 1 or a duration like 10m, got {value}")
+            return value
+        parse_duration(value)
+        return value
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `30s`, `10m`, `1.5h`; a ValueError naming the expected form otherwise."""
+    match = _DURATION.fullmatch(str(text))
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"'{text}' is not a duration; use a positive number with s, m or h, e.g. 10m")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
 class ExpectCfg(Strict):

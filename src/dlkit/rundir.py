@@ -257,6 +257,24 @@ class RunDir:
             raise RunDirError(f"{p} is not a finished run (missing {', '.join(missing)}); re-run the recipe")
         return run
 
+    @classmethod
+    def resumable(cls, path: str | Path) -> RunDir:
+        """Open a run that stopped before it finished (interrupted, failed, or killed while running),
+        or fail with one line: a finished run, or one whose process is still alive."""
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise RunDirError(f"run directory {p} not found; pass the folder `dlkit run` printed")
+        run = cls(p)
+        if not (p / STATUS).is_file() or not (p / "recipe.yaml").is_file():
+            raise RunDirError(f"{p} is not a dlkit run directory (no {STATUS} or recipe.yaml)")
+        status = run.status()
+        if status["state"] == "finished":
+            raise RunDirError(f"{p} is finished; there is nothing to resume (`dlkit run` starts a new run)")
+        pid = status.get("pid")
+        if status["state"] == "running" and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+            raise RunDirError(f"{p} is still running (process {pid}); stop it first, or wait for it to finish")
+        return run
+
     def read_json(self, name: str) -> Any:
         """One of the run's JSON files; unreadable, bad UTF-8 or bad JSON is one line naming it."""
         path = self.path / name
@@ -341,6 +359,20 @@ class RunDir:
                 raise RunDirError(f"{path}: line {number}: {_first_error(exc)}") from None
             epochs.append(row)
         return epochs
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and runs dlkit (a reused pid of another program does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return b"dlkit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: the process exists, assume it is the run
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -1,8 +1,11 @@
 """`run`: a recipe in, a finished run directory out (train, test, save the bundle)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,11 @@ from dlkit.config import Recipe, TrainCfg
 from dlkit.data import DataBundle, load_data
 from dlkit.engine import Callback, Checkpoint, EarlyStopping, GradClip, MetricsLog, fit
 from dlkit.engine.loop import resolve_stages
-from dlkit.engine.outcome import RunResult, complete_run, guarded
+from dlkit.engine.outcome import RunResult, complete_run, guarded, library_versions
 from dlkit.engine.progress import PlainProgress, QuietProgress, make_progress
+from dlkit.engine.resume import Checkpointer, TrainState, graceful_stop, latest_state
 from dlkit.engine.runtime import resolve_device, resolve_precision, seed_everything
-from dlkit.errors import ConfigError, RunInterrupted
+from dlkit.errors import ConfigError, RunDirError, RunInterrupted
 from dlkit.evaluate.predictions import evaluation_notes, measure_test
 from dlkit.models import build_model, family, model_args, with_model_defaults
 from dlkit.models.surface import DlkitModel
@@ -89,8 +93,9 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     path that could not be created is refused before the data are loaded).
 
     The run is complete (bundle, summary, status finished) before its report is written, so a report
-    that fails or is interrupted loses nothing: `dlkit report RUN` writes it again. Ctrl-C or SIGTERM
-    during training marks the run interrupted, keeps its last checkpoint and raises RunInterrupted."""
+    that fails or is interrupted loses nothing: `dlkit report RUN` writes it again. The first Ctrl-C or
+    SIGTERM during training stops at the next step with a resumable checkpoint (`dlkit resume RUN`),
+    marks the run interrupted and raises RunInterrupted; a second one stops at once."""
     report = report_default() if report is None else report
     recipe = with_model_defaults(recipe)
     check_out(out, runs_root)
@@ -99,6 +104,60 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
 
         return execute_numpy(recipe, out=out, runs_root=runs_root, report=report)
     progress = progress or QuietProgress()
+    ready = _prepare(recipe, progress, "stopped before training started; nothing was written")
+    run = RunDir.create(recipe, out, runs_root)
+    return _train(run, recipe, ready, progress, report)
+
+
+def resume(run_dir: str | Path, *, force: bool = False, quiet: bool = True, report: bool | None = None,
+           progress: PlainProgress | None = None) -> RunResult:
+    """Continue an interrupted, failed or killed run from its newest whole checkpoint and finish it
+    (test, bundle, report) in the same run directory; on the same machine, seed, versions and thread
+    count it ends with the weights and metrics.jsonl the uninterrupted run has.
+
+    Refused in one line: a finished run, one still running, one without a checkpoint, and one whose
+    recipe, data or library versions differ from the checkpoint's (`force`: continue anyway, with a
+    note in the summary and report saying what differed)."""
+    report = report_default() if report is None else report
+    run = RunDir.resumable(run_dir)
+    recipe = with_model_defaults(run.recipe())
+    if recipe.train.engine == "numpy":
+        raise RunDirError(f"{run.path} is a NumPy-engine run; those keep no checkpoints (they train in seconds): "
+                          "re-run the recipe")
+    state, notes = latest_state(run.checkpoints)
+    differ = _differences(state.meta, {"recipe_sha256": recipe_sha256(recipe), "versions": library_versions()})
+    if differ and not force:
+        raise RunDirError(f"cannot resume {run.path}: {'; '.join(differ)}; pass --force to continue anyway")
+    progress = progress or make_progress(quiet)
+    ready = _prepare(recipe, progress, f"stopped before training resumed; {run.path} is as it was")
+    differ += _differences(state.meta, {"data_fingerprint": ready.data.fingerprint()})
+    if differ and not force:
+        raise RunDirError(f"cannot resume {run.path}: {'; '.join(differ)}; pass --force to continue anyway")
+    pos = state.meta["position"]
+    where = f"epoch {pos['epoch']}, step {pos['step']}" if pos["step"] is not None else f"the end of epoch {pos['epoch']}"
+    notes.append(f"resumed from checkpoints/{state.path.name} ({where})")
+    notes += [f"resumed with --force although {d}" for d in differ]
+    run.mark("running", "training (resumed)")
+    return _train(run, recipe, ready, progress, report, state, notes)
+
+
+@dataclass
+class _Ready:
+    """What training needs, built from the recipe before the run directory is touched."""
+
+    device: torch.device
+    precision: str
+    data: DataBundle
+    generator: torch.Generator
+    model: nn.Module
+    train_cfg: TrainCfg
+    notes: list[str]
+    extra: dict[str, Any]
+
+
+def _prepare(recipe: Recipe, progress: PlainProgress, interrupted: str) -> _Ready:
+    """Device, data, seeded generators, model (pretrained weights loaded) and checked settings; Ctrl-C
+    here stops at once with `interrupted` as the message."""
     try:
         device = resolve_device(recipe.train.device)
         precision = resolve_precision(recipe.train.precision, device)
@@ -113,30 +172,61 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
             notes.insert(0, loaded)
     except KeyboardInterrupt as exc:
         progress.close()
-        raise RunInterrupted("stopped before training started; nothing was written", exc) from None
+        raise RunInterrupted(interrupted, exc) from None
+    return _Ready(device, precision, data, generator, model, train_cfg, notes, extra)
 
-    run = RunDir.create(recipe, out, runs_root)
+
+def _train(run: RunDir, recipe: Recipe, ready: _Ready, progress: PlainProgress, report: bool,
+           resume_from: TrainState | None = None, resume_notes: list[str] | None = None) -> RunResult:
+    """Fit (from `resume_from` when given), test, complete the run directory, write the report."""
+    data, model, cfg = ready.data, ready.model, ready.train_cfg
     augment = None
     if recipe.data.augment.enabled():
         from dlkit.data.transforms import make_augment
 
         augment = make_augment(recipe.data.augment, data.preprocessing)
-    total = sum(s.epochs for s in resolve_stages(train_cfg))
-    with guarded(run, total, progress):
-        history = fit(model, data, train_cfg, device=device, precision=precision, generator=generator,
-                      callbacks=_callbacks(train_cfg, run), progress=progress, augment=augment)
-        history.notes[:0] = notes
+    total = sum(s.epochs for s in resolve_stages(cfg))
+    checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint_every, cfg.checkpoint_keep,
+                                {"recipe_sha256": recipe_sha256(recipe), "data_fingerprint": data.fingerprint(),
+                                 "versions": library_versions()})
+    with guarded(run, total, progress), graceful_stop() as stop:
+        history = fit(model, data, cfg, device=ready.device, precision=ready.precision, generator=ready.generator,
+                      callbacks=_callbacks(cfg, run), progress=progress, augment=augment,
+                      checkpointer=checkpointer, resume=resume_from, stop=stop)
+        history.notes[:0] = ready.notes + (resume_notes or [])
         # tested in fp32 and the default memory layout, as `predict`, `evaluate` and `serve` run the saved
         # bundle, so their answers agree with summary.json to the last bit on the same device
         model.to(memory_format=torch.contiguous_format)
         test, predictions = measure_test(model, data, recipe.train.eval_batch_size)
         history.notes += evaluation_notes(predictions, data.classes)
-        summary = complete_run(run, recipe, data, model, history, test, device, precision, extra)
+        summary = complete_run(run, recipe, data, model, history, test, ready.device, ready.precision, ready.extra)
     if report:
         from dlkit.evaluate.report import report_after_run  # matplotlib loads only when a report is written
 
         report_after_run(run.path, model, data, predictions)
     return RunResult(run.path, summary, history.epochs)
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    """A digest of the resolved recipe, as recipe.yaml records it."""
+    text = json.dumps(recipe.model_dump(mode="json", exclude_none=True), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _differences(meta: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's record and this process: `the recipe differs from the
+    checkpoint's`, `torch is 2.13.0 here but 2.12.0 in the checkpoint`, ..."""
+    out = []
+    if "recipe_sha256" in now and meta.get("recipe_sha256") != now["recipe_sha256"]:
+        out.append("recipe.yaml differs from the recipe the checkpoint was written with")
+    if "data_fingerprint" in now and meta.get("data_fingerprint") != now["data_fingerprint"]:
+        out.append("the data differ from the data the checkpoint was trained on (fingerprint "
+                   f"{now['data_fingerprint'][:12]} here, {str(meta.get('data_fingerprint'))[:12]} in the checkpoint)")
+    then = meta.get("versions") or {}
+    for name, version in (now.get("versions") or {}).items():
+        if then.get(name) != version:
+            out.append(f"{name} is {version} here but {then.get(name)} in the checkpoint")
+    return out
 
 
 def _check_monitors(cfg: TrainCfg, data: DataBundle) -> tuple[TrainCfg, list[str]]:

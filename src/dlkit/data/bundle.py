@@ -43,19 +43,27 @@ class TensorSplit:
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (x, y) batches of model inputs; with `shuffle`, a fresh permutation drawn from `generator`."""
-        n = len(self)
-        prepare = self.transform or (lambda x: x)
         if shuffle:
-            if self.lengths is None:
-                order = torch.randperm(n, generator=generator).split(batch_size)
-            else:
-                order = bucketed(self.lengths, batch_size, generator)
-            for idx in order:
-                idx = idx.to(self.x.device)
-                yield prepare(self.x[idx]), self.y[idx]
-        else:
-            for start in range(0, n, batch_size):
-                yield prepare(self.x[start : start + batch_size]), self.y[start : start + batch_size]
+            for idx in self.order(batch_size, generator):
+                yield self.take(idx)
+            return
+        prepare = self.transform or (lambda x: x)
+        for start in range(0, len(self), batch_size):
+            yield prepare(self.x[start : start + batch_size]), self.y[start : start + batch_size]
+
+    def order(self, batch_size: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """One epoch's batches as row indices (CPU int64), drawn from `generator`: a random permutation
+        cut into batches, or length-bucketed batches for token rows. A checkpoint keeps this list, so
+        a resumed epoch takes the same batches in the same order."""
+        if self.lengths is None:
+            return list(torch.randperm(len(self), generator=generator).split(batch_size))
+        return bucketed(self.lengths, batch_size, generator)
+
+    def take(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The (x, y) batch of rows `idx`, x as model inputs."""
+        idx = idx.to(self.x.device)
+        x = self.x[idx]
+        return (self.transform(x) if self.transform is not None else x), self.y[idx]
 
     def inputs(self) -> Tensor:
         """Every model input at once (the stored tensor itself when there is no transform)."""

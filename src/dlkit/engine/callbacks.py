@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,12 @@ class Callback:
     def on_epoch_end(self, state: FitState, metrics: dict[str, float]) -> None: ...
 
     def on_stage_end(self, state: FitState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this callback exactly (tensors and JSON values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Monitor:
@@ -89,6 +96,15 @@ class EarlyStopping(Callback):
                 f"{self.patience} epochs (best {self.monitor.best:.4f} at epoch {self.best_epoch})"
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.monitor.best, "wait": self.wait, "best_epoch": self.best_epoch,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.monitor = Monitor(*self.monitor_args)
+        self.monitor.best, self.wait, self.best_epoch = state["best"], state["wait"], state["best_epoch"]
+        self.best_state = state["best_state"]
+
     def on_stage_end(self, state: FitState) -> None:
         if self.restore_best and self.best_state is not None:
             state.model.load_state_dict(self.best_state)
@@ -111,6 +127,12 @@ class Checkpoint(Callback):
         if self.best and self.monitor.improved(metrics):
             save_weights(state.model, self.directory / "best.safetensors", meta | {"monitor": self.monitor.name})
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.monitor.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.monitor.best = state["best"]
+
 
 class GradClip(Callback):
     """Clips the global gradient norm to `max_norm` after every backward pass."""
@@ -132,6 +154,14 @@ class MetricsLog(Callback):
 
     def on_epoch_end(self, state: FitState, metrics: dict[str, float]) -> None:
         self.epochs.append(dict(metrics))
+        self.sink(list(self.epochs))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # rewritten at once: epochs written after the checkpoint (a kill in between) are dropped, to come again
+        self.epochs = [dict(e) for e in state["epochs"]]
         self.sink(list(self.epochs))
 
 

@@ -19,6 +19,7 @@ from dlkit.engine.feature_cache import FeatureCache, stage_cache
 from dlkit.engine.freeze import param_groups, set_trainable, train_mode
 from dlkit.engine.optim import Schedule, build_optimizer
 from dlkit.engine.progress import PlainProgress, QuietProgress
+from dlkit.engine.resume import Checkpointer, StopFlag, TrainState, rng_state, set_rng_state
 from dlkit.engine.runtime import autocast, eval_mode
 from dlkit.errors import TrainingError
 
@@ -70,13 +71,44 @@ class StepContext:
     augment: Augment | None = None
 
 
-def train_one_epoch(model: nn.Module, split: TensorSplit, ctx: StepContext, progress: PlainProgress) -> dict[str, float]:
+@dataclass
+class Cursor:
+    """Where an epoch of training is: its batches (row indices, in order), the steps taken, the running
+    sums of loss and correct answers, the learning rate it began with and the time it has taken."""
+
+    order: list[Tensor]
+    loss_sum: Tensor
+    correct: Tensor
+    lr: float
+    step: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def begin(cls, split: TensorSplit, ctx: StepContext) -> Cursor:
+        """A new epoch: its batch order drawn from the run's generator."""
+        return cls(split.order(ctx.batch_size, ctx.generator), torch.zeros((), device=ctx.device),
+                   torch.zeros((), dtype=torch.long, device=ctx.device), ctx.optimizer.param_groups[0]["lr"])
+
+    def state(self) -> dict[str, Any]:
+        return {"order": torch.cat(self.order) if self.order else torch.empty(0, dtype=torch.long),
+                "sizes": [len(b) for b in self.order], "loss_sum": self.loss_sum, "correct": self.correct,
+                "lr": self.lr, "step": self.step, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> Cursor:
+        return cls(list(state["order"].split(state["sizes"])), state["loss_sum"].to(device),
+                   state["correct"].to(device), state["lr"], state["step"], state["seconds"])
+
+
+def train_one_epoch(model: nn.Module, split: TensorSplit, ctx: StepContext, progress: PlainProgress,
+                    cursor: Cursor | None = None, after_step: Callable[[Cursor], None] | None = None) -> dict[str, float]:
     """One pass over `split` in a seeded random order; returns the mean train loss and accuracy.
-    Frozen batch norms stay in eval mode (see engine.freeze)."""
+    Frozen batch norms stay in eval mode (see engine.freeze). With `cursor`, the epoch continues where
+    the cursor stands (a resumed run); `after_step(cursor)` sees every step's end."""
     train_mode(model)
-    total_loss = torch.zeros((), device=ctx.device)
-    correct = torch.zeros((), dtype=torch.long, device=ctx.device)
-    for xb, yb in split.batches(ctx.batch_size, shuffle=True, generator=ctx.generator):
+    cursor = cursor or Cursor.begin(split, ctx)
+    for idx in cursor.order[cursor.step:]:
+        xb, yb = split.take(idx)
         if ctx.augment is not None:
             xb = ctx.augment(xb, ctx.generator)
         with autocast(ctx.device, ctx.precision):
@@ -89,13 +121,16 @@ def train_one_epoch(model: nn.Module, split: TensorSplit, ctx: StepContext, prog
         ctx.optimizer.step()
         ctx.schedule.on_batch()
         # sums stay on the device: no host sync per step
-        total_loss += loss.detach().float() * len(yb)
-        correct += count_correct(out.detach(), yb, ctx.task)
+        cursor.loss_sum += loss.detach().float() * len(yb)
+        cursor.correct += count_correct(out.detach(), yb, ctx.task)
+        cursor.step += 1
         progress.advance()
+        if after_step is not None:
+            after_step(cursor)
     n = len(split)
-    metrics = {"train_loss": total_loss.item() / n}
+    metrics = {"train_loss": cursor.loss_sum.item() / n}
     if ctx.task != "regression":
-        metrics["train_accuracy"] = correct.item() / n
+        metrics["train_accuracy"] = cursor.correct.item() / n
     return metrics
 
 
@@ -160,7 +195,9 @@ def resolve_stages(cfg: TrainCfg) -> list[StageCfg]:
 
 def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.device, precision: str,
         generator: torch.Generator, callbacks: Sequence[Callback] = (),
-        progress: PlainProgress | None = None, augment: Augment | None = None) -> History:
+        progress: PlainProgress | None = None, augment: Augment | None = None,
+        checkpointer: Checkpointer | None = None, resume: TrainState | None = None,
+        stop: StopFlag | None = None) -> History:
     """Train `model` on `data` through every stage of `cfg`; callbacks see every epoch.
 
     Each stage sets what trains (`freeze`, `unfreeze`) and builds its own optimizer over the trainable
@@ -168,6 +205,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
     once (`cache_features: auto`, engine.feature_cache), unless augmentation changes the base's input
     every epoch. `augment`, when given, transforms each training batch (drawing from `generator`)
     before the forward pass; validation and test data are never augmented.
+
+    `checkpointer` writes a resumable checkpoint after every epoch and when it is due inside one;
+    `resume` (a checkpoint read back) continues a run exactly where that checkpoint was written, so
+    it ends with the weights and history the uninterrupted run would have. When `stop` is set (the
+    first Ctrl-C or SIGTERM), training writes a checkpoint at the next step boundary and raises.
     """
     progress = progress or QuietProgress()
     model.to(device)
@@ -176,11 +218,14 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
         model.to(memory_format=torch.channels_last)
     train = on_device(data.train, device, channels_last)
     val = on_device(data.val, device, channels_last) if data.val is not None and len(data.val) else None
-    run = _Run(model, data, cfg, train, val, device, precision, generator, callbacks, progress, augment)
+    run = _Run(model, data, cfg, train, val, device, precision, generator, callbacks, progress, augment,
+               checkpointer, stop or StopFlag())
     started = time.perf_counter()
+    first_stage = run.restore_run(resume) if resume is not None else 0
     cache: FeatureCache | None = None
     for index, stage in enumerate(run.stages):
-        cache = run.stage(index, stage, cache)
+        if index >= first_stage:
+            cache = run.stage(index, stage, cache, resume if index == first_stage else None)
     run.history.train_seconds = time.perf_counter() - started
     run.history.notes = run.state.notes
     progress.close()
@@ -202,6 +247,8 @@ class _Run:
     callbacks: Sequence[Callback]
     progress: PlainProgress
     augment: Augment | None
+    checkpointer: Checkpointer | None
+    stop: StopFlag
 
     def __post_init__(self) -> None:
         self.loss_fn = loss_for(self.data.task, self.cfg.loss)
@@ -212,9 +259,17 @@ class _Run:
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.after_backward = [cb for cb in self.callbacks
                                if type(cb).on_after_backward is not Callback.on_after_backward]
+        # where the run stands, as a checkpoint records it
+        self.global_step = 0
+        self.stage_first = 1  # the current stage's first epoch
+        self.stage_done = 0  # epochs the current stage has finished
+        self.ctx: StepContext | None = None
+        self.cursor: Cursor | None = None
 
-    def stage(self, index: int, stage: StageCfg, cache: FeatureCache | None) -> FeatureCache | None:
-        """Set up and train one stage; returns the feature cache a later frozen stage may reuse."""
+    def stage(self, index: int, stage: StageCfg, cache: FeatureCache | None,
+              resume: TrainState | None = None) -> FeatureCache | None:
+        """Set up and train one stage (from where `resume` stands in it, when given); returns the
+        feature cache a later frozen stage may reuse."""
         cfg, state = self.cfg, self.state
         where = f"train.stages.{index}" if cfg.stages else "train"
         trainable = set_trainable(self.model, stage.freeze, stage.unfreeze, where)
@@ -225,7 +280,8 @@ class _Run:
             cache, why = stage_cache(self.model, cache, self.train, self.val, self.augment, self.device,
                                      self.precision, cfg.batch_size)
             if why:
-                state.notes.append(f"{stage.name}: features not cached: {why}")
+                if resume is None:
+                    state.notes.append(f"{stage.name}: features not cached: {why}")
             else:
                 model, train, val, cached = cache.rest, cache.train, cache.val, True
         if not cached:
@@ -234,17 +290,20 @@ class _Run:
         ctx = StepContext(self.loss_fn, optimizer, Schedule(optimizer, stage.schedule, stage.epochs, self.steps),
                           self.data.task, self.device, self.precision, cfg.batch_size, self.generator,
                           self.after_backward, self.augment)
-        state.stage, state.stop_stage, state.optimizer = index, False, optimizer
-        first = state.epoch + 1
-        for cb in self.callbacks:
-            cb.on_stage_start(state)
-        for _ in range(stage.epochs):
-            self.epoch(model, train, val, ctx, index)
-            if state.stop_stage:
-                break
+        self.ctx, state.stage, state.optimizer = ctx, index, optimizer
+        if resume is None:
+            state.stop_stage, self.stage_first, self.stage_done = False, state.epoch + 1, 0
+            for cb in self.callbacks:
+                cb.on_stage_start(state)
+        else:
+            self.restore_stage(resume, ctx)
+        cursor, self.cursor = self.cursor, None
+        while self.stage_done < stage.epochs and not state.stop_stage:
+            self.epoch(model, train, val, ctx, index, cursor)
+            cursor = None
         for cb in self.callbacks:
             cb.on_stage_end(state)
-        self.history.stages.append({"index": index, "name": stage.name, "first_epoch": first,
+        self.history.stages.append({"index": index, "name": stage.name, "first_epoch": self.stage_first,
                                     "last_epoch": state.epoch, "freeze": stage.freeze,
                                     "trainable_params": trainable.trainable, "frozen_params": trainable.frozen,
                                     "cached_features": cached,
@@ -252,26 +311,119 @@ class _Run:
         return cache
 
     def epoch(self, model: nn.Module, train: TensorSplit, val: TensorSplit | None, ctx: StepContext,
-              index: int) -> None:
-        """One epoch: train, validate, let the schedule and the callbacks see its metrics."""
+              index: int, cursor: Cursor | None = None) -> None:
+        """One epoch (or the rest of one, from `cursor`): train, validate, let the schedule and the
+        callbacks see its metrics, write a checkpoint."""
         state = self.state
-        state.epoch += 1
-        tick = time.perf_counter()
-        self.progress.start_epoch(state.epoch, self.total_epochs, self.steps)
-        lr = ctx.optimizer.param_groups[0]["lr"]
+        if cursor is None:
+            state.epoch += 1
+            cursor = Cursor.begin(train, ctx)
+        self.cursor = cursor
+        tick = time.perf_counter() - cursor.seconds
+        self.progress.start_epoch(state.epoch, self.total_epochs, len(cursor.order))
         metrics: dict[str, Any] = {"epoch": state.epoch, "stage": index}
-        metrics |= train_one_epoch(model, train, ctx, self.progress)
+        metrics |= train_one_epoch(model, train, ctx, self.progress, cursor,
+                                   lambda c: self.after_step(c, tick))
         _check_finite(metrics["train_loss"], state.epoch)
         if val is not None:
             metrics |= evaluate(model, val, self.data.task, self.loss_fn, device=self.device,
                                 precision=self.precision, batch_size=self.cfg.eval_batch_size, prefix="val_")
-        metrics["lr"] = lr
+        metrics["lr"] = cursor.lr
         metrics["seconds"] = round(time.perf_counter() - tick, 4)
         ctx.schedule.on_epoch(metrics)
         self.history.epochs.append(metrics)
+        self.cursor = None
+        self.stage_done += 1
         for cb in self.callbacks:
             cb.on_epoch_end(state, metrics)
         self.progress.end_epoch(metrics)
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.global_step, self.snapshot())
+        if self.stop.signum is not None:
+            raise self.stop.exception()
+
+    def after_step(self, cursor: Cursor, tick: float) -> None:
+        """After each optimizer step: a checkpoint when one is due or a stop was asked for, then stop."""
+        self.global_step += 1
+        if self.checkpointer is None:
+            return
+        if self.stop.signum is not None or self.checkpointer.due(self.global_step):
+            cursor.seconds = time.perf_counter() - tick
+            self.checkpointer.save(self.global_step, self.snapshot())
+        self.checkpointer.hold(self.global_step, self.stop)
+        if self.stop.signum is not None:
+            if self.checkpointer.last_step != self.global_step:
+                self.checkpointer.save(self.global_step, self.snapshot())
+            raise self.stop.exception()
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def snapshot(self) -> TrainState:
+        """Everything needed to continue from here: tensors in `tree`, the rest in `meta`."""
+        ctx, state = self.ctx, self.state
+        assert ctx is not None
+        scheduler = ctx.schedule.scheduler
+        tree = {"model": self.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
+                "schedule": scheduler.state_dict() if scheduler is not None else None,
+                "callbacks": [cb.state_dict() for cb in self.callbacks],
+                "rng": rng_state(self.generator),
+                "cursor": self.cursor.state() if self.cursor is not None else None}
+        meta = {"position": {"stage": state.stage, "epoch": state.epoch, "stage_first": self.stage_first,
+                             "stage_done": self.stage_done, "global_step": self.global_step,
+                             "step": self.cursor.step if self.cursor is not None else None,
+                             "stop_stage": state.stop_stage},
+                "callbacks": [type(cb).__name__ for cb in self.callbacks],
+                "history": {"epochs": self.history.epochs, "stages": self.history.stages},
+                "notes": state.notes}
+        return TrainState(tree, meta)
+
+    def restore_run(self, resume: TrainState) -> int:
+        """The run-wide part of a resume (weights, history, position); returns the stage to start in."""
+        names = [type(cb).__name__ for cb in self.callbacks]
+        if resume.meta["callbacks"] != names:
+            raise TrainingError(f"the checkpoint was written with callbacks {resume.meta['callbacks']}, this run "
+                                f"has {names}; resume with the recipe it was written with")
+        self.model.load_state_dict(resume.tree["model"])
+        pos = resume.meta["position"]
+        self.history.epochs = list(resume.meta["history"]["epochs"])
+        self.history.stages = list(resume.meta["history"]["stages"])
+        self.state.notes = list(resume.meta["notes"])
+        self.state.epoch, self.state.stage, self.state.stop_stage = pos["epoch"], pos["stage"], pos["stop_stage"]
+        self.stage_first, self.stage_done, self.global_step = pos["stage_first"], pos["stage_done"], pos["global_step"]
+        if self.checkpointer is not None:
+            self.checkpointer.last_step = self.global_step
+        return pos["stage"]
+
+    def restore_stage(self, resume: TrainState, ctx: StepContext) -> None:
+        """The stage's part of a resume: optimizer, schedule, callbacks, generators, the epoch's cursor."""
+        tree = resume.tree
+        ctx.optimizer.load_state_dict(_tuple_betas(tree["optimizer"]))
+        _match_layouts(ctx.optimizer)
+        if ctx.schedule.scheduler is not None and tree["schedule"] is not None:
+            ctx.schedule.scheduler.load_state_dict(tree["schedule"])
+        for cb, cb_state in zip(self.callbacks, tree["callbacks"], strict=True):
+            cb.load_state_dict(cb_state)
+        set_rng_state(tree["rng"], self.generator)
+        self.cursor = Cursor.from_state(tree["cursor"], self.device) if tree["cursor"] is not None else None
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor its parameter's memory layout again. `load_state_dict`
+    restores them contiguous; for a channels_last conv weight the fused kernels would then pair
+    elements by memory position, not by index, and silently train differently."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def _tuple_betas(state: dict[str, Any]) -> dict[str, Any]:
+    # JSON keeps Adam's betas as a list; the optimizer was built with a tuple
+    for group in state["param_groups"]:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return state
 
 
 def is_conv_on_images(model: nn.Module, x: Tensor) -> bool:

@@ -25,6 +25,7 @@ from dlkit.engine.checkpoint import read_meta, save_weights
 from dlkit.engine.loop import History
 from dlkit.engine.optim import metric_mode
 from dlkit.engine.progress import PlainProgress
+from dlkit.engine.resume import read_position, state_files
 from dlkit.errors import RunInterrupted, TrainingError, error_line
 from dlkit.models.surface import DlkitModel
 from dlkit.rundir import RunDir
@@ -51,8 +52,10 @@ def guarded(run: RunDir, total_epochs: int, progress: PlainProgress | None = Non
         if progress is not None:
             progress.close()
         message = _interrupted_message(run, total_epochs)
-        run.mark("interrupted", message)
-        raise RunInterrupted(f"{message}; the run is in {run.path}", exc) from None
+        run.mark("interrupted", message.split("\n")[0])
+        if "\n" not in message:
+            message += f"; the run is in {run.path}"
+        raise RunInterrupted(message, exc) from None
     except BaseException as exc:
         if progress is not None:
             progress.close()
@@ -67,7 +70,15 @@ def guarded(run: RunDir, total_epochs: int, progress: PlainProgress | None = Non
 
 
 def _interrupted_message(run: RunDir, total_epochs: int) -> str:
-    """`stopped after epoch 3 of 10; kept checkpoints/last.safetensors (epoch 3)`, from what is on disk."""
+    """`stopped in epoch 3 of 10 (step 17 of 50); kept checkpoints/state-000000117.safetensors`, then
+    `resume with: dlkit resume RUN`, from what is on disk (a NumPy run keeps last.safetensors only)."""
+    states = state_files(run.checkpoints)
+    if states:
+        pos = read_position(states[-1])
+        if pos is not None:
+            where = (f"stopped in epoch {pos['epoch']} of {total_epochs} (step {pos['step']})" if pos["step"] is not None
+                     else f"stopped after epoch {pos['epoch']} of {total_epochs}")
+            return f"{where}; kept checkpoints/{states[-1].name}\nresume with: dlkit resume {run.path}"
     last = run.checkpoints / "last.safetensors"
     done = len(run.history())
     message = f"stopped after epoch {done} of {total_epochs}"
@@ -83,6 +94,8 @@ def complete_run(run: RunDir, recipe: Recipe, data: DataBundle, model: nn.Module
     """Write the final weights, bundle and summary and mark the run finished; returns the summary."""
     summary = summarize_run(recipe, data, model, history, test, device, precision)
     run.finish(lambda path: save_weights(model, path), bundle_meta(recipe, data, model, extra), summary)
+    for state in state_files(run.checkpoints):  # a finished run is not resumed: free their space
+        state.unlink(missing_ok=True)
     return summary
 
 
