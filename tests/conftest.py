@@ -60,6 +60,17 @@ def mnist_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def resume_check():
+    """tests/resume_check.py (run stopped at a chosen step, resumed, compared bit for bit), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("resume_check", Path(__file__).parent / "resume_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(name="digit_images")
 def _digit_images():
     """The `digit_images` factory."""
