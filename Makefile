@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/metric_stream.py
 	$(BIN)/python benchmarks/run_integrity.py
 	$(BIN)/python benchmarks/serve_speed.py
+	$(BIN)/python benchmarks/checkpoint_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

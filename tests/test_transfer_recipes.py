@@ -222,3 +222,15 @@ def test_mnist_mobilenetv2_resizes_batch_by_batch_and_trains_on_cached_features(
     assert s["stages"][0]["trainable_params"] == 165_258
     assert lazy == [True]  # 28x28 grey stored, 48x48x3 made batch by batch
     # (no accuracy claim: the test's "ImageNet" base knows two photos, not digits)
+
+
+def test_a_staged_transfer_run_killed_after_its_head_stage_resumes_exactly(imagenet, pets, tmp_path, monkeypatch,
+                                                                           resume_check):
+    # 2 steps an epoch; killed in the first step of fine-tuning, it resumes from the end of the head
+    # stage (whose features were cached) and ends as the uninterrupted run
+    overrides = ["data.image_size=64", f"data.path={pets}", "data.augment={}", "train.stages.0.epochs=2",
+                 "train.stages.1.epochs=2"]
+    full = resume_check.same_after_resume(monkeypatch, "catsdogs-mobilenetv2", overrides, 5, "kill")
+    assert [s["cached_features"] for s in full.summary["stages"]] == [True, False]
+    assert "resumed from checkpoints/state-000000004.safetensors (the end of epoch 2)" in json.loads(
+        (tmp_path / "cut" / "summary.json").read_text())["notes"]

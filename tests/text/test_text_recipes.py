@@ -122,3 +122,13 @@ def test_run_with_seeds_runs_each_seed_and_prints_their_comparison(tmp_path) -> 
     assert seeds == [0, 1, 2]
     row = [c.strip() for c in lines[5].strip("|").split("|")]
     assert row[:2] == ["tiny-text-lstm", "3"] and "[" in row[2]  # mean ± std [95% interval]
+
+
+def test_a_text_run_killed_mid_epoch_resumes_exactly(imdb_archive, tmp_path, monkeypatch, resume_check) -> None:
+    # length-bucketed batches: the checkpoint keeps the epoch's batches, not a permutation to draw again
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    overrides = [f"data.data_dir={imdb_archive}", "data.verify=false", "data.text.max_words=200",
+                 "data.text.max_len=80", "model.vocab_size=200", "model.embed_dim=32", "model.hidden=32",
+                 "train.epochs=2", "train.checkpoint_every=6"]
+    full = resume_check.same_after_resume(monkeypatch, "imdb-lstm", overrides, 27, "kill")  # 20 steps an epoch
+    assert full.summary["epochs_run"] == 2
