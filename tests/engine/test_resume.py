@@ -22,6 +22,7 @@ from dlkit.engine.resume import (
     TrainState,
     graceful_stop,
     latest_state,
+    load_state,
     pack,
     save_state,
     state_files,
@@ -230,3 +231,29 @@ def test_checkpoint_every_is_steps_or_a_duration():
     with pytest.raises(ConfigError, match="train.checkpoint_every.*'soon' is not a duration; use a positive number "
                                           "with s, m or h, e.g. 10m"):
         load_recipe("digits-mlp", ["train.checkpoint_every=soon"])
+
+
+def test_changed_data_or_library_versions_are_refused(resume_check, monkeypatch):
+    rows = ["a,b,c,label"] + [f"{i % 7},{(i * 3) % 5},{i % 2},{'yes' if i % 3 else 'no'}" for i in range(120)]
+    Path("table.csv").write_text("\n".join(rows) + "\n")
+    fields = {"data.path": "table.csv"}
+    with monkeypatch.context() as m:
+        resume_check.stop_at(m, 5, "ctrl-c")
+        with pytest.raises(RunInterrupted):
+            dlkit.run("breast-cancer-lstm", out="cut", fields={"data.name": "csv_table", **fields},
+                      overrides=["train.epochs=3", "train.batch_size=8"])
+    Path("table.csv").write_text("\n".join(rows[:-1] + ["6,4,1,no"]) + "\n")
+    with pytest.raises(RunDirError, match="^cannot resume cut: the data differ from the data the checkpoint was "
+                                          r"trained on \(fingerprint [0-9a-f]{12} here, [0-9a-f]{12} in the checkpoint\); "
+                                          "pass --force to continue anyway$"):
+        dlkit.resume("cut")
+    Path("table.csv").write_text("\n".join(rows) + "\n")
+    newest = state_files(Path("cut/checkpoints"))[-1]
+    state = load_state(newest)
+    state.meta["versions"]["torch"] = "2.12.0"
+    save_state(newest.parent, int(newest.stem.split("-")[1]), state, keep=2)
+    with pytest.raises(RunDirError) as refused:
+        dlkit.resume("cut")
+    assert str(refused.value) == (f"cannot resume cut: torch is {torch.__version__} here but 2.12.0 in the checkpoint; "
+                                  "pass --force to continue anyway")
+    assert "resumed with --force although torch is" in " ".join(dlkit.resume("cut", force=True).summary["notes"])
