@@ -289,7 +289,7 @@ def _maybe_launch(nproc: int) -> None:
         return
     from dlkit.launch import launch, without_nproc
 
-    raise typer.Exit(launch(nproc, without_nproc(_ARGV)))
+    sys.exit(launch(nproc, without_nproc(_ARGV)))  # not typer.Exit: its 130 would read as a Ctrl-C here
 
 
 def _execute(recipe: Any, out: Path | None, quiet: bool, report: bool | None = None) -> Path:
@@ -388,9 +388,7 @@ def _error(message: str, *, secondary: bool, config: bool, code: int = 2) -> Non
     if _WORLD > 1:
         from dlkit.launch import report_failure
 
-        if not secondary and report_failure(message):
-            sys.exit(code)
-        if _RANK > 0 and (config or secondary):
+        if secondary or report_failure(message) or _RANK > 0 and config:
             sys.exit(code)
         if _RANK > 0:
             message = f"rank {_RANK}: {message}"

@@ -254,6 +254,8 @@ def graceful_stop() -> Iterator[StopFlag]:
                 return
             raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         flag.signum, first[0] = signum, time.monotonic()
+        if os.environ.get("RANK", "0") != "0":
+            return  # many processes: rank 0 speaks for the run
         what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
         print(f"{what}: stopping after this step to write a checkpoint (Ctrl-C again stops at once)",
               file=sys.stderr, flush=True)
