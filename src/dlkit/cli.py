@@ -388,7 +388,7 @@ def _error(message: str, *, secondary: bool, config: bool, code: int = 2) -> Non
     if _WORLD > 1:
         from dlkit.launch import report_failure
 
-        if secondary or report_failure(message) or _RANK > 0 and config:
+        if secondary or report_failure(message) or (_RANK > 0 and config):
             sys.exit(code)
         if _RANK > 0:
             message = f"rank {_RANK}: {message}"

@@ -44,8 +44,10 @@ def launch(nproc: int, argv: list[str]) -> int:
         relay.join(timeout=5)
         failures = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: p.stat().st_mtime_ns)
         if failures:
-            line = failures[0].read_text(encoding="utf-8").strip()
-            print(f"error: {line} (rank {failures[0].stem.split('-')[1]})", file=sys.stderr, flush=True)
+            lines = [f.read_text(encoding="utf-8").strip() for f in failures]
+            # a mistake every rank makes (a recipe field) is said once, as one process says it
+            where = "" if len(set(lines)) == 1 and len(lines) == nproc else f" (rank {failures[0].stem.split('-')[1]})"
+            print(f"error: {lines[0]}{where}", file=sys.stderr, flush=True)
             return 2
         exits = [int(p.read_text()) for p in Path(errors).glob("exit-*.txt")]
         if exits:  # interrupted workers: 130 (Ctrl-C) or 143 (SIGTERM), as one process exits

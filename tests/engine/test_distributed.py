@@ -100,7 +100,7 @@ def test_sync_batchnorm_on_the_cpu_is_one_line(tmp_path):
     done = dlkit("run", *MLP, "--set", "train.sync_batchnorm=true", "--nproc", "2", "--out", str(tmp_path / "r"))
     assert done.returncode == 2
     assert done.stderr == ("error: train.sync_batchnorm needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU; "
-                           "set train.sync_batchnorm: false (each rank then keeps its own batch statistics) (rank 0)\n")
+                           "set train.sync_batchnorm: false (each rank then keeps its own batch statistics)\n")
 
 
 def test_ctrl_c_stops_every_rank_with_a_checkpoint_and_the_run_resumes_on_one_process(one_and_two, tmp_path):
