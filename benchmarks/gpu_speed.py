@@ -27,16 +27,23 @@ from reference import plain_loop_seconds
 from resnet_speed import PaddedCropFlip
 
 
-def resnet(device: torch.device, n: int = 20_480) -> dict:
+def setup(recipe_name: str, model_name: str, shape: tuple[int, ...], n: int, device: torch.device):
+    """Random images of `shape` with labels as one DataBundle, the recipe's settings, a seeded model."""
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-    recipe = load_recipe("cifar10-resnet", epochs=1)
+    x, y = torch.rand(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+    recipe = load_recipe(recipe_name, epochs=1)
     precision = resolve_precision(recipe.train.precision, device)
-    prep = {"kind": "image", "channels": 3, "size": [32, 32], "mean": None, "std": None, "invert": "never"}
+    prep = {"kind": "image", "channels": shape[0], "size": list(shape[1:]), "mean": None, "std": None,
+            "invert": "never"}
     seed_everything(0)
-    model = build("resnet20", num_classes=10, input_shape=(3, 32, 32))
-    data = DataBundle(TensorSplit(x, y), None, TensorSplit(x[:128], y[:128]), [str(i) for i in range(10)],
-                      (3, 32, 32), "multiclass", "image", prep)
+    model = build(model_name, num_classes=10, input_shape=shape)
+    data = DataBundle(TensorSplit(x, y), None, TensorSplit(x[:128], y[:128]), [str(i) for i in range(10)], shape,
+                      "multiclass", "image", prep)
+    return x, y, recipe, precision, prep, model, data
+
+
+def resnet(device: torch.device, n: int = 20_480) -> dict:
+    x, y, recipe, precision, prep, model, data = setup("cifar10-resnet", "resnet20", (3, 32, 32), n, device)
 
     def dlkit_s(m: torch.nn.Module, d: DataBundle) -> float:
         torch.cuda.synchronize()
@@ -66,15 +73,7 @@ def resnet(device: torch.device, n: int = 20_480) -> dict:
 
 
 def seed_cnn(device: torch.device, n: int = 60_000) -> dict:
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
-    recipe = load_recipe("mnist-cnn", epochs=1)
-    precision = resolve_precision(recipe.train.precision, device)
-    prep = {"kind": "image", "channels": 1, "size": [28, 28], "mean": None, "std": None, "invert": "never"}
-    seed_everything(0)
-    model = build("seed_cnn", num_classes=10, input_shape=(1, 28, 28))
-    data = DataBundle(TensorSplit(x, y), None, TensorSplit(x[:128], y[:128]), [str(i) for i in range(10)],
-                      (1, 28, 28), "multiclass", "image", prep)
+    _, _, recipe, precision, _, model, data = setup("mnist-cnn", "seed_cnn", (1, 28, 28), n, device)
     fit(copy.deepcopy(model), data, recipe.train, device=device, precision=precision,
         generator=torch.Generator().manual_seed(0))  # warm-up
     tick = time.perf_counter()
