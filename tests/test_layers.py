@@ -11,7 +11,7 @@ SRC = Path(dlkit.__file__).parent
 
 # the lowest layer first; a module may import its own layer and those below it
 LAYERS = [
-    {"errors", "config", "yamlfile", "registry", "files", "hub", "synthetic", "rundir"},
+    {"errors", "config", "yamlfile", "registry", "files", "hub", "synthetic", "rundir", "collective"},
     {"data"},
     {"models"},
     {"engine", "scratch"},

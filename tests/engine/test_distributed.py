@@ -147,3 +147,54 @@ def test_two_nodes_meet_through_a_rendezvous_on_loopback(one_and_two, tmp_path):
     a, b = weights(one), weights(tmp_path / "run")
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+READ_FOLDER = """
+import sys
+import torch.distributed as tdist
+from dlkit.config import DataCfg
+from dlkit.data import load_data
+from dlkit.errors import DataError
+tdist.init_process_group("gloo")
+try:
+    line = load_data(DataCfg(name="image_folder", path=sys.argv[1], image_size=16, bad_files=sys.argv[3]),
+                     0).fingerprint()
+except DataError as exc:
+    line = f"error: {exc}"
+open(f"{sys.argv[2]}/rank-{tdist.get_rank()}.txt", "w").write(line)
+tdist.destroy_process_group()
+"""
+
+
+def test_an_image_folder_is_decoded_in_blocks_across_ranks(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dlkit.config import DataCfg
+    from dlkit.data import load_data
+    from dlkit.errors import DataError
+
+    rng = np.random.default_rng(0)
+    for label in ("ant", "bee"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(9):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "photos" / label / f"{i}.png")
+    (tmp_path / "script.py").write_text(READ_FOLDER)
+
+    def both_ranks(bad_files: str) -> list[str]:
+        proc = torchrun("--standalone", "--nproc-per-node", "2", str(tmp_path / "script.py"), str(tmp_path / "photos"),
+                        str(tmp_path), bad_files)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        return [(tmp_path / f"rank-{r}.txt").read_text() for r in (0, 1)]
+
+    def one(bad_files: str) -> str:
+        return load_data(DataCfg(name="image_folder", path=str(tmp_path / "photos"), image_size=16,
+                                 bad_files=bad_files), 0).fingerprint()
+
+    assert both_ranks("fail") == [one("fail")] * 2  # every rank holds every image, decoded once across them
+    (tmp_path / "photos" / "ant" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # in rank 0's block
+    assert both_ranks("skip") == [one("skip")] * 2
+    with pytest.raises(DataError) as single:
+        one("fail")
+    assert both_ranks("fail") == [f"error: {single.value}"] * 2  # the same line on each rank

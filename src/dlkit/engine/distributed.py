@@ -23,6 +23,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
+from dlkit.collective import gather_rows, my_block
 from dlkit.errors import ConfigError
 
 
@@ -86,24 +87,11 @@ class Dist:
 
     def my_batches(self, n_batches: int) -> range:
         """The evaluation batches this rank computes: a contiguous block, none twice, none padded."""
-        if not self.enabled:
-            return range(n_batches)
-        bounds = torch.tensor_split(torch.arange(n_batches), self.world)[self.rank]
-        return range(int(bounds[0]), int(bounds[-1]) + 1) if len(bounds) else range(0)
+        return my_block(n_batches) if self.enabled else range(n_batches)
 
     def gather_rows(self, t: Tensor) -> Tensor:
         """Every rank's rows of `t`, concatenated in rank order, on every rank (rows may differ in number)."""
-        if not self.enabled:
-            return t
-        n = torch.tensor([t.shape[0]], device=t.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world)]
-        tdist.all_gather(sizes, n)
-        rows = [int(s) for s in sizes]
-        padded = torch.zeros((max(rows), *t.shape[1:]), dtype=t.dtype, device=t.device)
-        padded[: t.shape[0]] = t
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        tdist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:r] for p, r in zip(parts, rows)])
+        return gather_rows(t) if self.enabled else t
 
 
 SINGLE = Dist()
