@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,8 +104,8 @@ def test_sync_batchnorm_on_the_cpu_is_one_line(tmp_path):
                            "set train.sync_batchnorm: false (each rank then keeps its own batch statistics)\n")
 
 
-def test_ctrl_c_stops_every_rank_with_a_checkpoint_and_the_run_resumes_on_one_process(one_and_two, tmp_path):
-    one, _ = one_and_two
+def test_ctrl_c_stops_every_rank_with_a_checkpoint_and_the_run_resumes_on_two_or_one(one_and_two, tmp_path):
+    one, two = one_and_two
     out = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "dlkit", "run", *MLP, "--out", str(out), "--nproc", "2",
                              "--set", "train.checkpoint_every=10"], text=True, stdout=subprocess.PIPE,
@@ -119,6 +120,12 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint_and_the_run_resumes_on_one_pr
     assert err.splitlines() == ["Ctrl-C: stopping after this step to write a checkpoint (Ctrl-C again stops at once)",
                                 f"interrupted: {status['message']}", f"resume with: dlkit resume {out}"]
     assert status["message"] == "stopped in epoch 1 of 1 (step 26); kept checkpoints/state-000000026.safetensors"
+    shutil.copytree(out, tmp_path / "again")
+    # on 2 processes again: the uninterrupted 2-process run's weights, bit for bit
+    done = dlkit("resume", str(tmp_path / "again"), "--quiet", "--nproc", "2")
+    assert done.returncode == 0, done.stderr
+    a, b = weights(two), weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     done = dlkit("resume", str(out), "--quiet")
     assert done.returncode == 0, done.stderr
     notes = json.loads((out / "summary.json").read_text())["notes"]
