@@ -143,14 +143,18 @@ def free_port() -> int:
 
 def test_two_nodes_meet_through_a_rendezvous_on_loopback(one_and_two, tmp_path):
     one, _ = one_and_two
-    endpoint = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    # the rendezvous store outlives both nodes: when it lives in node 0's agent and node 0 ends first,
+    # node 1's agent fails its last rendezvous sync after training (torchtune#2676, pytorch#69197)
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     nodes = [torchrun("--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", endpoint, "--rdzv-id", "dlkit-test", "-m", "dlkit", "run", *MLP,
-                      "--out", str(tmp_path / "run"))
+                      "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", "is_host=false", "--rdzv-id", "dlkit-test",
+                      "-m", "dlkit", "run", *MLP, "--out", str(tmp_path / "run"))
              for rank in (0, 1)]
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err
+    del store
     a, b = weights(one), weights(tmp_path / "run")
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
