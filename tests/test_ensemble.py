@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 import dlkit
 from dlkit import cli
 from dlkit.ensemble import EnsembleError, build_ensemble, members_table, shared_split
-from dlkit.evaluate.compare import compare_table
+from dlkit.evaluate.compare import compare_rows, compare_table
 from dlkit.evaluate.retest import evaluate_run, load_run
 from dlkit.predict import Predictor
 from dlkit.recipes import load_recipe
@@ -156,6 +156,7 @@ def test_compare_puts_the_ensemble_beside_its_members_seeds(averaged, members):
     table = compare_table([*members, averaged])
     assert [(row.label, row.n) for row in table.rows] == [("digits-mlp", 3), ("digits-mlp-ensemble", 1)]
     assert table.rows[1].metrics["accuracy"].mean == RunDir.open(averaged).summary()["test_accuracy"]
+    assert [row["seed"] for row in compare_rows([members[0], averaged])] == ["0", "-"]  # an ensemble has no seed
 
 
 def test_the_ensemble_exports_as_one_onnx_graph_and_serves(averaged, tmp_path):
