@@ -86,12 +86,17 @@ def run(recipe: RecipeArg, overrides: SetOpt = [], epochs: EpochsOpt = None, see
         precision: PrecisionOpt = None, quiet: QuietOpt = False, report: ReportOpt = None,
         seeds: Annotated[int, typer.Option(metavar="N", help="Run N seeds (the recipe's, then the next ones) and "
                                                              "print their comparison.")] = 1,
-        nproc: NprocOpt = 1) -> None:
+        nproc: NprocOpt = 1,
+        ensemble: Annotated[bool, typer.Option("--ensemble", metavar="", help=(
+            "With --seeds N: train the seeds on one data split (data.split_seed) and ensemble them "
+            "(the ensemble's run directory is printed last)."))] = False) -> None:
     """Run a recipe (a packaged name or a YAML file): train, test, save; prints the run directory last."""
     from dlkit.recipes import load_recipe
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be 1 or more, got {seeds}")
+    if ensemble and seeds < 2:
+        raise ConfigError(f"--ensemble needs --seeds 2 or more, got --seeds {seeds}")
     _maybe_launch(nproc)
     resolved = load_recipe(recipe, overrides, epochs=epochs, seed=seed,
                            fields=_fields(data, data_dir, device, precision))
@@ -100,10 +105,42 @@ def run(recipe: RecipeArg, overrides: SetOpt = [], epochs: EpochsOpt = None, see
         return
     from dlkit.evaluate.compare import compare_runs
 
+    if ensemble:
+        from dlkit.ensemble import shared_split
+
+        resolved = shared_split(resolved)
     runs = [_execute(resolved.model_copy(update={"seed": resolved.seed + k}, deep=True),
                      out / f"seed-{resolved.seed + k}" if out is not None else None, quiet, report)
             for k in range(seeds)]
     typer.echo(compare_runs(runs, "md"))
+    if ensemble and runs[0] is not None:  # rank 0 alone ensembles, after every seed
+        _ensemble(runs, None, "mean", out / "ensemble" if out is not None else None, quiet, report)
+
+
+@app.command("ensemble")
+def ensemble_(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Finished runs of one task, classes and test split.")],
+    weights: Annotated[str | None, typer.Option(metavar="W,W,...", help="One positive weight per run (default equal).")]
+    = None,
+    method: Annotated[str, typer.Option(metavar="METHOD", help="mean (of probabilities) or vote.")] = "mean",
+    out: OutOpt = None, quiet: QuietOpt = False, report: ReportOpt = None,
+) -> None:
+    """Ensemble finished runs: their probabilities averaged (or votes counted), tested on their shared test
+    split, written as a run of its own (predict, serve, compare use it as any run); prints the members
+    beside the ensemble, and its run directory last."""
+    from dlkit.ensemble import parse_weights
+
+    _ensemble(runs, parse_weights(weights), method, out, quiet, report)
+
+
+def _ensemble(runs: list[Path], weights: list[float] | None, method: str, out: Path | None, quiet: bool,
+              report: bool | None) -> Path | None:
+    from dlkit.ensemble import build_ensemble, members_table
+
+    result = build_ensemble(runs, weights=weights, method=method, out=out, report=report)
+    if not quiet:
+        typer.echo(members_table(result.summary))
+    return _show_result(result, quiet)
 
 
 @app.command()

@@ -71,6 +71,9 @@ class DataCfg(Strict):
     subset: int | None = Field(None, ge=1)  # keep this many training examples (stratified)
     channels: int | None = Field(None, ge=1, le=3)  # convert images to 1 (grey) or 3 (RGB) channels
     verify: bool = True  # sha256-check official files before parsing them
+    # seeds the train / val / test split (and data.subset) instead of the recipe's seed: seeds that share
+    # it test on the same examples, as the members of an ensemble must (`run --seeds N --ensemble` sets it)
+    split_seed: int | None = None
     bad_files: Literal["skip", "fail"] = "skip"  # unreadable images in a folder: skip with a count, or stop
     augment: AugmentCfg = AugmentCfg()
     # the class count the recipe is written for, so `dlkit describe` can build the model without the

@@ -189,10 +189,20 @@ NO_CAM_CASES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "lstm": ((30,), {}),
 }
 TOKEN_MODELS = {"distilbert"}  # no cam layer either; building one means importing transformers
+ENSEMBLES = {"ensemble"}  # conv members or not, no one layer: refused below
 
 
 def test_every_registered_model_is_covered():
-    assert set(MODELS.names()) == set(CONV_CASES) | set(NO_CAM_CASES) | TOKEN_MODELS
+    assert set(MODELS.names()) == set(CONV_CASES) | set(NO_CAM_CASES) | TOKEN_MODELS | ENSEMBLES
+
+
+def test_an_ensemble_of_conv_models_is_refused_in_one_line():
+    members = [{"name": "seed_cnn", "args": {}}, {"name": "lenet", "args": {}}]
+    model = build("ensemble", num_classes=3, input_shape=(1, 28, 28), members=members)
+    with pytest.raises(InputError) as info:
+        gradcam(model, torch.rand(2, 1, 28, 28))
+    assert str(info.value) == ("an ensemble has no one conv layer to explain (Grad-CAM follows one model's); "
+                               "explain one of its members' runs")
 
 
 @pytest.mark.parametrize("name", sorted(CONV_CASES))

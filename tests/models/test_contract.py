@@ -97,6 +97,15 @@ CASES: dict[str, list[Case]] = {
 }
 
 
+# an ensemble's members, built for its classes and inputs: mlp 784*8+8 + 8*k+k, seed_cnn 223,744 + 128*k+k
+ENSEMBLE_MEMBERS = [{"name": "mlp", "args": {"hidden": [8]}}, {"name": "seed_cnn", "args": {}}]
+CASES["ensemble"] = [
+    Case(kwargs={"members": ENSEMBLE_MEMBERS}, params=6_370 + 225_034),
+    Case(kwargs={"members": ENSEMBLE_MEMBERS, "task": "binary", "method": "vote", "member_weights": [1, 3]},
+         num_classes=1, params=6_289 + 223_873),
+]
+
+
 def default_case(name: str) -> Case:
     """A model nobody has tabled yet still gets every check but the parameter count."""
     params = inspect.signature(MODELS.get(name)).parameters

@@ -59,6 +59,12 @@ FAMILIES: list[tuple[str, dict[str, Any], tuple[int, ...], int]] = [
     ("lstm", {**TOKENS, "layers": 2, "bidirectional": True}, (12,), 1),
     ("distilbert", {"config": TINY_BERT}, (16,), 1),
     ("distilbert", {"config": TINY_BERT}, (16,), 3),
+    # members exported inside one graph: a conv and a dense net averaged; two token LSTMs (each traced its
+    # own way) voting; an LSTM over table rows and a dense net averaged, a regression
+    ("ensemble", {"members": [{"name": "seed_cnn", "args": {}}, {"name": "mlp", "args": {}}]}, (1, 28, 28), 10),
+    ("ensemble", {"members": [{"name": "lstm", "args": TOKENS}, {"name": "lstm", "args": {**TOKENS, "bidirectional": True}}],
+                  "method": "vote", "member_weights": [2, 1], "task": "binary"}, (12,), 1),
+    ("ensemble", {"members": [{"name": "lstm", "args": {}}, {"name": "mlp", "args": {}}], "task": "regression"}, (30,), 1),
 ]
 SKIPPED = {"vgg16": "vgg11 and vgg16_bn export the same layers (VGG16 is only deeper)",
            "resnet56": "resnet20 exports the same blocks (56 is only deeper)"}

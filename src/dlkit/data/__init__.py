@@ -51,8 +51,8 @@ def register_dataset(name: str, shape: Callable[[DataCfg], DataShape] | None = N
 
 
 def load_data(cfg: DataCfg, seed: int) -> DataBundle:
-    """Load the data set the recipe names, split and preprocessed."""
-    return DATASETS.get(cfg.name).load(cfg, seed)
+    """Load the data set the recipe names, split and preprocessed (seeded by `data.split_seed` when set)."""
+    return DATASETS.get(cfg.name).load(cfg, seed if cfg.split_seed is None else cfg.split_seed)
 
 
 def data_shape(cfg: DataCfg) -> DataShape:

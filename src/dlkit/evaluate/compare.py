@@ -364,7 +364,7 @@ def compare_rows(paths: Sequence[str | Path]) -> list[dict[str, str]]:
         claims = s.get("expect", {}).get("claims", [])
         claimed = ", ".join(f"{c['metric'].removeprefix('test_')} {c['claimed']}" for c in claims) or "-"
         rows.append({
-            "recipe": s["recipe"], "seed": str(s["seed"]),
+            "recipe": s["recipe"], "seed": "-" if s.get("seed") is None else str(s["seed"]),  # an ensemble has none
             **{k: f"{s[k]:.4f}" if k in s else "-" for k in ("test_accuracy", "test_f1", "test_roc_auc")},
             "claimed": claimed, "params": f"{s['params']:,}", "train_s": f"{s['train_seconds']:.1f}",
         })

@@ -20,6 +20,7 @@ from dlkit.engine.runtime import model_device
 from dlkit.errors import InputError
 from dlkit.evaluate.metrics import probabilities
 from dlkit.files import write_atomic
+from dlkit.models.ensemble import Ensemble
 
 
 @dataclass
@@ -37,6 +38,9 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
             layer: nn.Module | None = None) -> CamResult:
     """Grad-CAM maps of images `x` (N, C, H, W) for class `target` (default: the predicted one)."""
     layer = layer if layer is not None else model.cam_layer
+    if layer is None and isinstance(model, Ensemble):
+        raise InputError("an ensemble has no one conv layer to explain (Grad-CAM follows one model's); "
+                         "explain one of its members' runs")
     if layer is None:
         raise InputError(f"model {type(model).__name__} has no conv layer to explain; Grad-CAM needs a conv model")
     if x.dim() != 4:

@@ -49,6 +49,9 @@ NOT_APPLICABLE = {
                "train.channels_last"),
 }
 SECTIONS = ("Summary", "Claim vs ours", "Plots", "Per-class metrics", "Recipe", "Environment", "Data")
+ENSEMBLE_SECTION = "Ensemble members"
+ENSEMBLE_METRICS = (("test_accuracy", "accuracy"), ("test_loss", "log loss"), ("test_ece", "ECE"), ("test_f1", "F1"),
+                    ("test_mse", "MSE"), ("test_mae", "MAE"), ("test_r2", "R2"))
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
@@ -79,11 +82,15 @@ def write_report(run_dir: str | Path) -> Path:
                                ("created", summary.get("created"))]),
         "Data": _data(_without(recipe.data.model_dump(exclude_none=True), left_out, "data."), bundle, summary),
     }
+    sections = SECTIONS
+    if isinstance(summary.get("ensemble"), dict):  # an ensemble run: its members beside it, after the summary
+        bodies[ENSEMBLE_SECTION] = _ensemble(summary)
+        sections = (SECTIONS[0], ENSEMBLE_SECTION, *SECTIONS[1:])
     title = f"dlkit report: {recipe.name}"
     page = (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_esc(title)}</title>\n"
             f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{_esc(recipe.name)}</h1>\n"
             f"<p>{_esc(description)}</p>\n{weights_note}"
-            + "".join(f"<h2>{_esc(name)}</h2>\n{bodies[name]}\n" for name in SECTIONS)
+            + "".join(f"<h2>{_esc(name)}</h2>\n{bodies[name]}\n" for name in sections)
             + "</body>\n</html>\n")
     return write_atomic(run.path / "report.html", lambda f: f.write(page.encode("utf-8")))
 
@@ -177,6 +184,21 @@ def _summary(summary: dict[str, Any]) -> str:
     notes = get("notes") or []
     listed = "<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>" if notes else ""
     return _table(rows, ("", "value")) + listed
+
+
+def _ensemble(summary: dict[str, Any]) -> str:
+    """Each member's test metrics on the ensemble's test split, their mean ± std, and the ensemble's."""
+    record = summary["ensemble"]
+    keys = [(k, name) for k, name in ENSEMBLE_METRICS if k in summary]
+    mean, std = record.get("member_mean", {}), record.get("member_std", {})
+    rows = [(f"{m.get('recipe')} (seed {m.get('seed')})", m.get("run"), m.get("weight"), *(m.get(k) for k, _ in keys))
+            for m in record.get("members", [])]
+    rows.append(("members: mean ± std", "", None, *(f"{_fmt(mean.get(k))} ± {_fmt(std.get(k))}" for k, _ in keys)))
+    rows.append((f"ensemble ({record.get('method')})", "this run", 1.0, *(summary.get(k) for k, _ in keys)))
+    how = ("the mean of the members' probabilities" if record.get("method") == "mean"
+           else "the members' weighted votes (ties broken by the mean probability)")
+    return (f"<p>Predicts {_esc(how)}. Every row is measured on the same test split, in one pass.</p>"
+            + _table(rows, ("member", "run", "weight", *(name for _, name in keys))))
 
 
 def _latency(summary: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ from torch import nn
 from dlkit.errors import DataError, DlkitError
 from dlkit.files import write_atomic_path
 from dlkit.models.distilbert import TextTransformer
+from dlkit.models.ensemble import Ensemble
 from dlkit.models.lstm import RecurrentTrunk
 from dlkit.models.surface import Classifier
 from dlkit.rundir import RunDir
@@ -203,6 +204,8 @@ def _pools_as_matmul(model: nn.Module, example: torch.Tensor) -> Iterator[None]:
 
 def traceable(model: nn.Module) -> nn.Module:
     """`model`, or an equivalent module whose forward a trace follows for any batch size and length."""
+    if isinstance(model, Ensemble):
+        return model.mapped(traceable)
     if isinstance(model, TextTransformer):
         return _TracedTransformer(model)
     if isinstance(model, Classifier) and isinstance(model.features, RecurrentTrunk):
