@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 MLP = ["digits-mlp", "--epochs", "1", "--no-report", "--quiet"]
 
 
-def dlkit(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def dlkit(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dlkit", *args], capture_output=True, text=True, timeout=timeout,
                           env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
 
