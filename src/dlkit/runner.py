@@ -102,7 +102,8 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     SIGTERM during training stops at the next step with a resumable checkpoint (`dlkit resume RUN`),
     marks the run interrupted and raises RunInterrupted; a second one stops at once."""
     report = report_default() if report is None else report
-    recipe = with_model_defaults(recipe)
+    # a recipe's tune section is dlkit tune's search space: it changes nothing in a run, so the run does not record it
+    recipe = with_model_defaults(recipe).model_copy(update={"tune": None})
     check_out(out, runs_root)
     if recipe.train.engine == "numpy":
         from dlkit.scratch_run import execute_numpy

@@ -38,7 +38,7 @@ class Distribution:
     def __str__(self) -> str:
         if self.kind == "choice":
             return f"choice({', '.join(_text(c) for c in self.choices)})"
-        step = f", {self.step}" if self.step not in (None, 1) else ""
+        step = f", {self.step}" if self.step is not None else ""
         return f"{self.kind}({_text(self.low)}, {_text(self.high)}{step})"
 
     @property
@@ -141,7 +141,7 @@ def _range(text: str, kind: str, args: list[Any]) -> Distribution:
         _refuse(f"'{text}': logint needs low >= 1 (it draws uniformly in log scale)")
     if step is not None and (step < 1 or (high - low) % step):
         _refuse(f"'{text}': the step must be at least 1 and divide high - low ({high - low})")
-    return Distribution(kind, low, high, step)
+    return Distribution(kind, low, high, step if step != 1 else None)
 
 
 def _refuse(message: str) -> Distribution:

@@ -60,8 +60,10 @@ def tune(recipe: str | Path | Recipe, *, trials: int, space: Sequence[str] | Map
     settings = resolve(recipe, space=space, overrides=overrides, epochs=epochs, seed=seed, fields=fields,
                        metric=metric, direction=direction, pruner=pruner, study=study, storage=storage,
                        runs_root=runs_root)
+    if storage is None:
+        settings.folder.mkdir(parents=True, exist_ok=True)  # the study's SQLite file goes there
+    optuna_study = open_study(settings, trials)
     settings.folder.mkdir(parents=True, exist_ok=True)
-    optuna_study = open_study(settings)
     deadline = time.monotonic() + seconds
     _share_cores(jobs)
     helpers = [_start_helper(settings, trials, seconds, report, jobs) for _ in range(jobs - 1)]
@@ -104,7 +106,7 @@ def work(spec: Mapping[str, Any]) -> list[int]:
     found = optuna.load_study(study_name=spec["study"], storage=open_storage(spec["storage"]))
     settings = TuneSettings.from_identity(found.user_attrs["dlkit"], direction=found.direction.name.lower(),
                                           study=spec["study"], storage=spec["storage"], folder=Path(spec["folder"]))
-    study = open_study(settings, create=False)
+    study = open_study(settings, int(spec["trials"]), create=False)
     say = (lambda t: None) if spec["quiet"] else (lambda t: print(trial_line(t, settings), file=sys.stderr, flush=True))
     return run_trials(study, settings, int(spec["trials"]), deadline=time.monotonic() + float(spec["seconds"]),
                       quiet=True, report=spec["report"], say=say)

@@ -125,6 +125,9 @@ def resolve(recipe: str | Path | Recipe, *, space: Sequence[str] | Mapping[str, 
     searched = dict(base.tune)
     _check_model_args(base, searched)
     base = base.model_copy(update={"tune": None})
+    if metric.startswith("test_"):
+        raise ConfigError(f"--metric {metric} is measured on the test split, which a study must not choose on (it "
+                          f"would overfit it); use {metric.replace('test_', 'val_', 1)}")
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric} is not a per-epoch metric{did_you_mean(metric, METRICS)}; "
                           f"choose {', '.join(METRICS)} (a study never chooses on the test split)")

@@ -3,7 +3,7 @@
 Each trial is an ordinary run (`runner.run`) into `runs/<study>/trial-<n>/`; a callback reports each
 epoch's metric to the trial and, when the pruner says so, ends the fit early: the run is still tested
 and bundled, and the trial is recorded as pruned. The study's budget (`--trials N`) counts trials that
-are finished, failed, under way or waiting, over every process that shares the storage: a process
+are finished, failed or under way, over every process that shares the storage: a process
 takes the next trial only while fewer are counted, and a trial that two processes took at once
 beyond the budget is dropped before it runs, so a study ends with N trials. A trial stopped by
 Ctrl-C, or whose process died (no heartbeat for GRACE_S), does not count: running the command again
@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dlkit.engine.callbacks import Callback, FitState
 from dlkit.errors import ConfigError, DataError, DlkitError, RunDirError, RunInterrupted, error_line
+from dlkit.rundir import STATUS, RunDir
 from dlkit.runner import run
 from dlkit.space import Distribution
 from dlkit.tune.settings import TuneSettings
@@ -80,7 +81,7 @@ def shown_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_study(settings: TuneSettings, *, create: bool = True) -> optuna.Study:
+def open_study(settings: TuneSettings, budget: int, *, create: bool = True) -> optuna.Study:
     """Create the study or join the one of that name, refusing one that differs in recipe, space,
     metric, direction or pruner (every process must run the same trials). A new study's first
     trial is the recipe as given, when the space can draw its values."""
@@ -95,8 +96,8 @@ def open_study(settings: TuneSettings, *, create: bool = True) -> optuna.Study:
         if taken:
             raise ConfigError(f"{settings.folder} holds trials ({', '.join(taken[:3])}) of a study that {where} is not; "
                               "choose another --study NAME or move that folder away")
-    kwargs = {"study_name": settings.study, "storage": storage, "sampler": SeededTPE(settings.recipe.seed),
-              "pruner": make_pruner(settings)}
+    kwargs = {"study_name": settings.study, "storage": storage, "pruner": make_pruner(settings),
+              "sampler": SeededTPE(settings.recipe.seed, startup_trials(budget))}
     try:
         study = optuna.create_study(direction=settings.direction, **kwargs)
     except optuna.exceptions.DuplicatedStudyError:
@@ -138,17 +139,24 @@ def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def startup_trials(budget: int) -> int:
+    """Random trials before TPE models the results: a third of the budget, 3 to 10 (Optuna's default 10
+    would leave a study of 8 trials a random search)."""
+    return max(3, min(10, budget // 3))
+
+
 class SeededTPE(optuna.samplers.BaseSampler):
     """Optuna's TPE sampler seeded anew for each trial by the recipe's seed and the trial's number: the
     same study run again draws the same trials, and processes sharing a study never draw the same
     random start (a single seed would give every process the same first draws)."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, startup: int = 10):
+        self.seed, self.startup = seed, startup
         self.inner = self._tpe(0)
 
     def _tpe(self, number: int) -> optuna.samplers.TPESampler:
-        return optuna.samplers.TPESampler(seed=(self.seed * 1_000_003 + number) % 2**32)
+        return optuna.samplers.TPESampler(seed=(self.seed * 1_000_003 + number) % 2**32,
+                                          n_startup_trials=self.startup)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.inner = self._tpe(trial.number)
@@ -194,9 +202,10 @@ def epoch_value(metrics: dict[str, Any], metric: str) -> float:
 
 
 def counted(trial: FrozenTrial) -> bool:
-    """Whether the budget counts `trial`: finished, failed for a reason of its own, under way or waiting;
-    not one stopped by Ctrl-C, lost with its process, dropped as surplus or aborting the study."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING):
+    """Whether the budget counts `trial`: finished, failed for a reason of its own, or under way; not one
+    waiting to be taken (the next `ask` takes it), stopped by Ctrl-C, lost with its process, dropped as
+    surplus or aborting the study."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
         return True
     return trial.state == TrialState.FAIL and "error" in trial.user_attrs
 
@@ -232,6 +241,10 @@ class Objective:
             value = kept_value(result.history, result.summary, settings.metric)
         except (RunInterrupted, KeyboardInterrupt):
             trial.set_user_attr("interrupted", True)
+            if (out / STATUS).is_file():
+                RunDir(out).mark("interrupted", f"trial {trial.number} of study '{settings.study}', stopped by Ctrl-C or "
+                                 "SIGTERM: the study does not count it, and `dlkit tune` with the same options runs "
+                                 "another trial in its place")
             raise
         except Exception as exc:
             if self._ends_study(exc):
