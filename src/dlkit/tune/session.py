@@ -108,8 +108,14 @@ def work(spec: Mapping[str, Any]) -> list[int]:
                                           study=spec["study"], storage=spec["storage"], folder=Path(spec["folder"]))
     study = open_study(settings, int(spec["trials"]), create=False)
     say = (lambda t: None) if spec["quiet"] else (lambda t: print(trial_line(t, settings), file=sys.stderr, flush=True))
-    return run_trials(study, settings, int(spec["trials"]), deadline=time.monotonic() + float(spec["seconds"]),
-                      quiet=True, report=spec["report"], say=say)
+    try:
+        return run_trials(study, settings, int(spec["trials"]), deadline=time.monotonic() + float(spec["seconds"]),
+                          quiet=True, report=spec["report"], say=say)
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        stopped = RunInterrupted(f"helper process {os.getpid()} of study '{settings.study}' stopped; its trial under "
+                                 "way does not count")
+        stopped.exit_code = 143 if _terminated(exc) else 130
+        raise stopped from None
 
 
 def _seconds(timeout: str | float | None) -> float:

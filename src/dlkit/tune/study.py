@@ -32,6 +32,7 @@ from dlkit.tune.settings import TuneSettings
 HEARTBEAT_S = 30  # a running trial's process writes a heartbeat this often
 GRACE_S = 120  # a running trial with no heartbeat for this long is failed (its process died) and not counted
 SQLITE_WAIT_S = 60  # processes sharing a SQLite file wait this long for its lock
+CREATE_TRIES = 10  # opening a new database that another process is creating tables in
 
 
 class MetricMissing(ConfigError):
@@ -61,17 +62,23 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     engine: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         engine = {"connect_args": {"timeout": SQLITE_WAIT_S}}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
-    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
-        raise ConfigError(f"--storage {shown} needs a database driver that is not installed ({exc}); install it, "
-                          "e.g. pip install psycopg2-binary for PostgreSQL or pymysql for MySQL") from None
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        raise ConfigError(f"cannot open --storage {shown}: {reason[:300]}") from None
+    for attempt in range(CREATE_TRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
+            raise ConfigError(f"--storage {shown} needs a database driver that is not installed ({exc}); install it, "
+                              "e.g. pip install psycopg2-binary for PostgreSQL or pymysql for MySQL") from None
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+            # processes started together on a new database race to create its tables: the loser tries again
+            racing = isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in reason
+            if not racing or attempt == CREATE_TRIES - 1:
+                raise ConfigError(f"cannot open --storage {shown}: {reason[:300]}") from None
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def shown_url(url: str) -> str:
