@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -261,8 +262,14 @@ def test_the_command_prints_the_table_the_best_trial_and_its_files():
     assert yaml.safe_load(Path("runs/cli/best.yaml").read_text())["train"]["epochs"] == 1
 
 
-def test_startup_and_list_import_neither_optuna_nor_torch():
-    code = ("import sys\nfrom dlkit.cli import main\nmain(['list', 'recipes'])\n"
-            "print(sorted(m for m in ('optuna', 'torch', 'sqlalchemy') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[-1] == "[]" and "digits-mlp" in out
+@pytest.mark.parametrize("args", [("list",), ("--help",), ("tune", "--help")], ids=" ".join)
+def test_startup_list_and_help_import_neither_optuna_nor_torch(args):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dlkit", *args], capture_output=True, text=True,
+                          env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "dlkit.cli" in imported and {"optuna", "torch", "sqlalchemy", "matplotlib"} & imported == set()
+    if args[0] == "tune":
+        options = proc.stdout.split("Options:")[1]
+        assert not re.search(r"<[a-z\[\] ]+>", options) and max(len(line) for line in proc.stdout.splitlines()) <= 80
+        assert "  --trials N              The study's budget: trials over every process that\n" in options

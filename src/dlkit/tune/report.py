@@ -200,14 +200,15 @@ def _plots(study: optuna.Study, metric: str) -> str:
 
 
 def _trials(rows: list[dict[str, Any]], settings: TuneSettings, best: dict[str, Any] | None) -> str:
-    header = ("trial", *settings.space, settings.metric, "state", "seconds", "run", "note")
+    hosts = len({r["host"] for r in rows if r["host"]}) > 1  # a study shared by machines: say where each ran
+    header = ("trial", *settings.space, settings.metric, "state", "seconds", *(("host",) if hosts else ()), "run", "note")
     lines = []
     for r in rows:
         cls = ' class="best"' if best is not None and r["trial"] == best["trial"] else ""
         text = [str(r["trial"]) + (" (as given)" if r["as_given"] else ""),
                 *(shown(r["params"][k]) if k in r["params"] else "-" for k in settings.space),
                 f"{r['value']:.4f}" if r["value"] is not None else "-", r["state"],
-                f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"]
+                f"{r['seconds']:.1f}" if r["seconds"] is not None else "-", *((r["host"] or "",) if hosts else ())]
         cells = [*map(_esc, text), _run_link(r["run_dir"], settings.folder), _esc(r["note"] or "")]
         lines.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     head = "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"

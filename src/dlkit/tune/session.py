@@ -65,7 +65,7 @@ def tune(recipe: str | Path | Recipe, *, trials: int, space: Sequence[str] | Map
     optuna_study = open_study(settings, trials)
     settings.folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + seconds
-    _share_cores(jobs)
+    threads = _share_cores(jobs)
     helpers = [_start_helper(settings, trials, seconds, report, jobs) for _ in range(jobs - 1)]
     say = (lambda t: None) if quiet else (lambda t: print(trial_line(t, settings), file=sys.stderr, flush=True))
     try:
@@ -87,6 +87,8 @@ def tune(recipe: str | Path | Recipe, *, trials: int, space: Sequence[str] | Map
     except BaseException:
         _stop(helpers, signal.SIGINT)
         raise
+    finally:
+        _restore_cores(threads)
     for proc, code in zip(helpers, codes):
         if code:
             print(f"warning: helper process {proc.pid} stopped with exit code {code} (its error is above)",
@@ -131,13 +133,23 @@ def _seconds(timeout: str | float | None) -> float:
         raise ConfigError(f"--timeout: {exc}") from None
 
 
-def _share_cores(jobs: int) -> None:
+def _share_cores(jobs: int) -> int | None:
     """With several trials at once on this machine, each process takes its share of the cores (two
-    processes each running every core are slower than one)."""
-    if jobs > 1:
+    processes each running every core are slower than one); returns the thread count it replaced."""
+    if jobs < 2:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // jobs))
+    return before
+
+
+def _restore_cores(threads: int | None) -> None:
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // jobs))
+        torch.set_num_threads(threads)
 
 
 def _start_helper(settings: TuneSettings, trials: int, seconds: float, report: bool | None,
