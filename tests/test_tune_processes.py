@@ -13,7 +13,7 @@ import optuna
 
 from dlkit.rundir import RunDir
 from dlkit.tune import tune
-from dlkit.tune.study import counted
+from dlkit.tune.trials import counted
 
 
 def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -24,7 +24,8 @@ from dlkit.config import Recipe, parse_duration
 from dlkit.errors import ConfigError, RunInterrupted, Terminated
 from dlkit.tune.report import table, trial_line, write_study_files
 from dlkit.tune.settings import TuneSettings, resolve
-from dlkit.tune.study import counted, open_storage, open_study, run_trials
+from dlkit.tune.study import open_storage, open_study
+from dlkit.tune.trials import counted, run_trials
 
 HELPER_STOP_S = 120  # after a stop, how long helpers get to finish their step, checkpoint and record the trial
 
