@@ -67,7 +67,7 @@ def tune(recipe: str | Path | Recipe, *, trials: int, space: Sequence[str] | Map
     settings.folder.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + seconds
     threads = _share_cores(jobs)
-    helpers = [_start_helper(settings, trials, seconds, report, jobs) for _ in range(jobs - 1)]
+    helpers = [_start_helper(settings, trials, seconds, report, jobs, quiet) for _ in range(jobs - 1)]
     say = (lambda t: None) if quiet else (lambda t: print(trial_line(t, settings), file=sys.stderr, flush=True))
     try:
         # epoch by epoch on a terminal (a transient bar); in a log, the trial lines say enough
@@ -153,10 +153,10 @@ def _restore_cores(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _start_helper(settings: TuneSettings, trials: int, seconds: float, report: bool | None,
-                  jobs: int) -> subprocess.Popen[bytes]:
+def _start_helper(settings: TuneSettings, trials: int, seconds: float, report: bool | None, jobs: int,
+                  quiet: bool) -> subprocess.Popen[bytes]:
     spec = {"storage": settings.storage, "study": settings.study, "folder": str(settings.folder), "trials": trials,
-            "seconds": seconds if math.isfinite(seconds) else 1e12, "report": report, "quiet": False, "jobs": jobs}
+            "seconds": seconds if math.isfinite(seconds) else 1e12, "report": report, "quiet": quiet, "jobs": jobs}
     proc = subprocess.Popen([sys.executable, "-m", "dlkit", "tune-worker"], stdin=subprocess.PIPE,
                             start_new_session=True)
     assert proc.stdin is not None
