@@ -107,6 +107,14 @@ def test_the_budget_is_the_studys_and_the_same_command_continues_it():
     assert len({r["params"]["train.optimizer.lr"] for r in twin.rows}) == 3
 
 
+def test_no_trial_starts_after_the_timeout():
+    result = tune("digits-mlp", trials=5, epochs=1, timeout=1e-9, study="late")
+    assert result.ran == [] and result.best is None and "best" not in result.files
+    # the recipe as given waits, first in line, for the next command
+    assert [(r["trial"], r["state"], r["as_given"]) for r in result.rows] == [(0, "waiting", True)]
+    assert "No trial has completed yet." in (result.folder / "study.html").read_text()
+
+
 def test_failed_trials_are_recorded_and_the_study_goes_on():
     # trial 0 runs the recipe as given (SGD at lr 1e6: the loss becomes nan); 'swish' is no activation
     result = tune("digits-mlp", trials=5, epochs=1, overrides=["train.optimizer.name=sgd", "train.optimizer.lr=1e6"],
