@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -46,6 +47,8 @@ MovedDataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", metavar="DIR", help="Where the run's data set files are now, if they moved (replaces data.data_dir).")]
 DeviceOpt = Annotated[str | None, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or mps.")]
 PrecisionOpt = Annotated[str | None, typer.Option(metavar="PRECISION", help="auto, fp32 or bf16.")]
+NprocOpt = Annotated[int, typer.Option(metavar="N", help="Train on N processes of this machine (torchrun's agent, "
+                                                        "gloo on CPU, NCCL on GPUs); batch_size stays the global batch.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress output.")]
 RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", help="A packaged recipe (dlkit list recipes) or a YAML file.")]
 ReportOpt = Annotated[bool | None, typer.Option("--report/--no-report", show_default=False, metavar="",
@@ -82,12 +85,14 @@ def run(recipe: RecipeArg, overrides: SetOpt = [], epochs: EpochsOpt = None, see
         data: DataOpt = None, data_dir: DataDirOpt = None, device: DeviceOpt = None,
         precision: PrecisionOpt = None, quiet: QuietOpt = False, report: ReportOpt = None,
         seeds: Annotated[int, typer.Option(metavar="N", help="Run N seeds (the recipe's, then the next ones) and "
-                                                             "print their comparison.")] = 1) -> None:
+                                                             "print their comparison.")] = 1,
+        nproc: NprocOpt = 1) -> None:
     """Run a recipe (a packaged name or a YAML file): train, test, save; prints the run directory last."""
     from dlkit.recipes import load_recipe
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be 1 or more, got {seeds}")
+    _maybe_launch(nproc)
     resolved = load_recipe(recipe, overrides, epochs=epochs, seed=seed,
                            fields=_fields(data, data_dir, device, precision))
     if seeds == 1:
@@ -129,9 +134,10 @@ def resume(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
            force: Annotated[bool, typer.Option("--force", help=(
                "Continue even though the recipe, data or library versions differ from the checkpoint's "
                "(said in the report)."))] = False,
-           quiet: QuietOpt = False, report: ReportOpt = None) -> None:
+           quiet: QuietOpt = False, report: ReportOpt = None, nproc: NprocOpt = 1) -> None:
     """Continue an interrupted or killed run from its newest whole checkpoint and finish it: the same
     weights and metrics the uninterrupted run would have (same machine, seed, versions, threads)."""
+    _maybe_launch(nproc)
     from dlkit.engine.progress import make_progress
     from dlkit.runner import resume as resume_run
 
@@ -332,6 +338,17 @@ def _api_key(path: Path | None) -> str | None:
     return key[0].strip()
 
 
+def _maybe_launch(nproc: int) -> None:
+    """With `--nproc N` (N > 1) outside torchrun: run this same command on N processes, then leave."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be 1 or more, got {nproc}")
+    if nproc == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from dlkit.launch import launch, without_nproc
+
+    sys.exit(launch(nproc, without_nproc(_ARGV)))  # not typer.Exit: its 130 would read as a Ctrl-C here
+
+
 def _execute(recipe: Any, out: Path | None, quiet: bool, report: bool | None = None) -> Path:
     """Run a resolved recipe, print its result line and report (unless quiet) and its run directory;
     return the latter."""
@@ -341,8 +358,11 @@ def _execute(recipe: Any, out: Path | None, quiet: bool, report: bool | None = N
     return _show_result(execute(recipe, out=out, progress=make_progress(quiet), report=report), quiet)
 
 
-def _show_result(result: Any, quiet: bool) -> Path:
-    """Print a finished run's result line and report (unless quiet) and its run directory; return the latter."""
+def _show_result(result: Any, quiet: bool) -> Path | None:
+    """Print a finished run's result line and report (unless quiet) and its run directory; return the
+    latter (a rank other than 0 of many processes says nothing)."""
+    if result.run_dir is None:
+        return None
     page = result.run_dir / "report.html"
     if not quiet:
         typer.echo(result_line(result.summary))
@@ -368,42 +388,89 @@ def main(argv: list[str] | None = None) -> None:
     if threading.current_thread() is not threading.main_thread():
         _main(argv)
         return
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else sys.argv[1:]
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
         _main(argv)
     finally:
         signal.signal(signal.SIGTERM, before)
+        if _WORLD > 1:
+            from dlkit.engine.distributed import close
+
+            close()
 
 
 def _main(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except RunInterrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _interrupted(f"interrupted: {exc}", exc.exit_code)
     except DlkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _error(str(exc), secondary=False, config=isinstance(exc, ConfigError))
     except TyperException as exc:  # bad options or arguments
         if not exc.format_message():  # no arguments at all: the help was shown
             sys.exit(2)
         ctx = getattr(exc, "ctx", None)
         command = ctx.command_path if ctx is not None else "dlkit"
-        print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
-        sys.exit(2)
+        _error(f"{exc.format_message()} (see `{command} --help`)", secondary=False, config=True)
     except OSError as exc:  # the file system refused (full disk, read-only place, a file where a folder goes)
         from dlkit.errors import error_line
 
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        _error(error_line(exc), secondary=False, config=False)
     except (Abort, KeyboardInterrupt) as exc:
-        print("interrupted", file=sys.stderr)
-        sys.exit(143 if isinstance(exc, Terminated) else 130)
+        _interrupted("interrupted", 143 if isinstance(exc, Terminated) else 130)
+    except Exception as exc:
+        if _WORLD <= 1:
+            raise
+        # many processes: a collective that failed because another rank is gone is not the cause
+        from dlkit.errors import error_line
+
+        _error(f"crashed: {error_line(exc)}", secondary=_is_secondary(exc), config=False, code=1)
     if code == 130:  # typer turns a KeyboardInterrupt outside a run into this return value
-        print("interrupted", file=sys.stderr)
-        sys.exit(143 if _TERMINATED else 130)
+        _interrupted("interrupted", 143 if _TERMINATED else 130)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+_ARGV: list[str] = []
+_RANK = int(os.environ.get("RANK", "0"))
+_WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _error(message: str, *, secondary: bool, config: bool, code: int = 2) -> None:
+    """One `error:` line and exit 2. Many processes: under `--nproc` the launcher prints the first
+    failing rank's line once; under torchrun rank 0 prints, other ranks print what only they met
+    (not a recipe mistake every rank makes, nor a collective broken by another rank's failure)."""
+    if _WORLD > 1:
+        from dlkit.launch import report_failure
+
+        if secondary or report_failure(message) or (_RANK > 0 and config):
+            sys.exit(code)
+        if _RANK > 0:
+            message = f"rank {_RANK}: {message}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _interrupted(line: str, code: int) -> None:
+    """`interrupted: ...` and exit 130 (SIGTERM 143); said by rank 0 alone when there are many processes."""
+    if _WORLD > 1:
+        from dlkit.launch import report_exit
+
+        report_exit(code)
+    if _RANK == 0:
+        print(line, file=sys.stderr)
+    sys.exit(code)
+
+
+def _is_secondary(exc: BaseException) -> bool:
+    """Whether a failure is a collective broken by another rank's exit (not this rank's own fault)."""
+    import torch.distributed as tdist
+
+    text = str(exc).lower()
+    return isinstance(exc, tdist.DistBackendError) or any(
+        k in text for k in ("connection closed by peer", "connection reset", "broken pipe", "gloo", "nccl"))
 
 
 _TERMINATED = False

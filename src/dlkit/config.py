@@ -196,6 +196,8 @@ class TrainCfg(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True  # for models with conv layers
+    # many processes: batch norm statistics over the whole global batch (CUDA only); off, each rank's own
+    sync_batchnorm: bool = False
     freeze: Freeze = "none"
     unfreeze: UnfreezeCfg | None = None
     # auto: with a frozen base and no augmentation, compute the base's features once and train the head on them

@@ -5,7 +5,8 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from torch import nn
 from dlkit.config import Recipe, TrainCfg
 from dlkit.data import DataBundle, load_data
 from dlkit.engine import Callback, Checkpoint, EarlyStopping, GradClip, MetricsLog, fit
-from dlkit.engine.loop import resolve_stages
+from dlkit.engine.distributed import SINGLE, Dist, check_sync_batchnorm, device_for, from_env
+from dlkit.engine.loop import resolve_stages, sharded_outputs
 from dlkit.engine.outcome import RunResult, complete_run, guarded, library_versions
 from dlkit.engine.progress import PlainProgress, QuietProgress, make_progress
 from dlkit.engine.resume import Checkpointer, TrainState, graceful_stop, latest_state
@@ -113,8 +115,13 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
                               "use train.engine torch")
         return execute_numpy(recipe, out=out, runs_root=runs_root, report=report)
     progress = progress or QuietProgress()
-    ready = _prepare(recipe, progress, "stopped before training started; nothing was written")
-    run = RunDir.create(recipe, out, runs_root)
+    dist = from_env()
+    if not dist.is_main:
+        progress.close()
+        progress = QuietProgress()
+    ready = _prepare(recipe, progress, "stopped before training started; nothing was written", dist)
+    dist.barrier()  # every rank checked --out before rank 0 creates it
+    run = RunDir.create(recipe, out, runs_root) if dist.is_main else None
     return _train(run, recipe, ready, progress, report, extra_callbacks=callbacks)
 
 
@@ -137,8 +144,12 @@ def resume(run_dir: str | Path, *, force: bool = False, quiet: bool = True, repo
     differ = _differences(state.meta, {"recipe_sha256": recipe_sha256(recipe), "versions": library_versions()})
     if differ and not force:
         raise RunDirError(f"cannot resume {run.path}: {'; '.join(differ)}; pass --force to continue anyway")
+    dist = from_env()
     progress = progress or make_progress(quiet)
-    ready = _prepare(recipe, progress, f"stopped before training resumed; {run.path} is as it was")
+    if not dist.is_main:
+        progress.close()
+        progress = QuietProgress()
+    ready = _prepare(recipe, progress, f"stopped before training resumed; {run.path} is as it was", dist)
     differ += _differences(state.meta, {"data_fingerprint": ready.data.fingerprint()})
     if differ and not force:
         raise RunDirError(f"cannot resume {run.path}: {'; '.join(differ)}; pass --force to continue anyway")
@@ -146,8 +157,13 @@ def resume(run_dir: str | Path, *, force: bool = False, quiet: bool = True, repo
     where = f"epoch {pos['epoch']}, step {pos['step']}" if pos["step"] is not None else f"the end of epoch {pos['epoch']}"
     notes.append(f"resumed from checkpoints/{state.path.name} ({where})")
     notes += [f"resumed with --force although {d}" for d in differ]
-    run.mark("running", "training (resumed)")
-    return _train(run, recipe, ready, progress, report, state, notes)
+    if dist.world != state.meta.get("world", 1):
+        notes.append(f"resumed on {dist.world} process(es); the checkpoint was written by {state.meta.get('world', 1)} "
+                     "(the batches are the same; augmentation and dropout draw differently)")
+    dist.barrier()
+    if dist.is_main:
+        run.mark("running", "training (resumed)")
+    return _train(run if dist.is_main else None, recipe, ready, progress, report, state, notes)
 
 
 @dataclass
@@ -162,14 +178,16 @@ class _Ready:
     train_cfg: TrainCfg
     notes: list[str]
     extra: dict[str, Any]
+    dist: Dist = SINGLE
 
 
-def _prepare(recipe: Recipe, progress: PlainProgress, interrupted: str) -> _Ready:
+def _prepare(recipe: Recipe, progress: PlainProgress, interrupted: str, dist: Dist = SINGLE) -> _Ready:
     """Device, data, seeded generators, model (pretrained weights loaded) and checked settings; Ctrl-C
     here stops at once with `interrupted` as the message."""
     try:
-        device = resolve_device(recipe.train.device)
+        device = device_for(dist, resolve_device(recipe.train.device))
         precision = resolve_precision(recipe.train.precision, device)
+        check_sync_batchnorm(recipe.train.sync_batchnorm, dist, device)
         data = load_data(recipe.data, recipe.seed)
         generator = seed_everything(recipe.seed)
         extra = data_args(recipe, data)
@@ -179,35 +197,49 @@ def _prepare(recipe: Recipe, progress: PlainProgress, interrupted: str) -> _Read
         loaded = load_pretrained(recipe, model, progress=not isinstance(progress, QuietProgress))
         if loaded:
             notes.insert(0, loaded)
+        if dist.enabled and recipe.train.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     except KeyboardInterrupt as exc:
         progress.close()
         raise RunInterrupted(interrupted, exc) from None
-    return _Ready(device, precision, data, generator, model, train_cfg, notes, extra)
+    if dist.enabled:
+        notes.append(f"trained on {dist.world} processes (torchrun); batch_size {recipe.train.batch_size} is the "
+                     "global batch")
+    return _Ready(device, precision, data, generator, model, train_cfg, notes, extra, dist)
 
 
-def _train(run: RunDir, recipe: Recipe, ready: _Ready, progress: PlainProgress, report: bool,
+def _train(run: RunDir | None, recipe: Recipe, ready: _Ready, progress: PlainProgress, report: bool,
            resume_from: TrainState | None = None, resume_notes: list[str] | None = None,
            extra_callbacks: Sequence[Callback] = ()) -> RunResult:
-    """Fit (from `resume_from` when given), test, complete the run directory, write the report."""
-    data, model, cfg = ready.data, ready.model, ready.train_cfg
+    """Fit (from `resume_from` when given), test, complete the run directory, write the report. With
+    many processes every rank trains and tests; rank 0 alone (`run` given) writes anything."""
+    data, model, cfg, dist = ready.data, ready.model, ready.train_cfg, ready.dist
     augment = None
     if recipe.data.augment.enabled():
         from dlkit.data.transforms import make_augment
 
         augment = make_augment(recipe.data.augment, data.preprocessing)
     total = sum(s.epochs for s in resolve_stages(cfg))
-    checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint_every, cfg.checkpoint_keep,
-                                {"recipe_sha256": recipe_sha256(recipe), "data_fingerprint": data.fingerprint(),
-                                 "versions": library_versions()})
-    with guarded(run, total, progress), graceful_stop() as stop:
+    checkpointer = None
+    if run is not None:
+        checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint_every, cfg.checkpoint_keep,
+                                    {"recipe_sha256": recipe_sha256(recipe), "data_fingerprint": data.fingerprint(),
+                                     "versions": library_versions(), "world": dist.world})
+    with (guarded(run, total, progress) if run is not None else _quiet_rank(progress)), graceful_stop() as stop:
         history = fit(model, data, cfg, device=ready.device, precision=ready.precision, generator=ready.generator,
                       callbacks=[*_callbacks(cfg, run), *extra_callbacks], progress=progress, augment=augment,
-                      checkpointer=checkpointer, resume=resume_from, stop=stop)
+                      checkpointer=checkpointer, resume=resume_from, stop=stop, dist=dist, seed=recipe.seed)
         history.notes[:0] = ready.notes + (resume_notes or [])
         # tested in fp32 and the default memory layout, as `predict`, `evaluate` and `serve` run the saved
         # bundle, so their answers agree with summary.json to the last bit on the same device
         model.to(memory_format=torch.contiguous_format)
-        test, predictions = measure_test(model, data, recipe.train.eval_batch_size)
+        outputs = None
+        if dist.enabled:
+            outputs = sharded_outputs(model, data.test, dist, device=ready.device,
+                                      batch_size=recipe.train.eval_batch_size)
+        if run is None:
+            return RunResult(None, {}, history.epochs)
+        test, predictions = measure_test(model, data, recipe.train.eval_batch_size, outputs)
         history.notes += evaluation_notes(predictions, data.classes)
         summary = complete_run(run, recipe, data, model, history, test, ready.device, ready.precision, ready.extra)
     if report:
@@ -215,6 +247,15 @@ def _train(run: RunDir, recipe: Recipe, ready: _Ready, progress: PlainProgress, 
 
         report_after_run(run.path, model, data, predictions)
     return RunResult(run.path, summary, history.epochs)
+
+
+@contextmanager
+def _quiet_rank(progress: PlainProgress) -> Iterator[None]:
+    """A rank other than 0: it writes nothing and says nothing; rank 0 reports for the run."""
+    try:
+        yield
+    finally:
+        progress.close()
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -237,6 +278,9 @@ def _differences(meta: dict[str, Any], now: dict[str, Any]) -> list[str]:
         if then.get(name) != version:
             out.append(f"{name} is {version} here but {then.get(name)} in the checkpoint")
     return out
+
+
+def _discard(rows: list[dict[str, Any]]) -> None: ...
 
 
 def _check_monitors(cfg: TrainCfg, data: DataBundle) -> tuple[TrainCfg, list[str]]:
@@ -272,11 +316,15 @@ def _check_text_model(model: DlkitModel, data: DataBundle) -> list[str]:
     return []
 
 
-def _callbacks(cfg: TrainCfg, run: RunDir) -> list[Callback]:
-    callbacks: list[Callback] = [MetricsLog(run.write_epochs)]
+def _callbacks(cfg: TrainCfg, run: RunDir | None) -> list[Callback]:
+    """The run's callbacks; on ranks other than 0 (`run` None) the same list, writing nothing, so that
+    every rank decides alike (early stopping) and a checkpoint's callback states fit any rank."""
+    callbacks: list[Callback] = [MetricsLog(run.write_epochs if run is not None else _discard)]
     ck = cfg.checkpoint
     if ck.best or ck.last:
-        callbacks.append(Checkpoint(run.checkpoints, ck.monitor, ck.mode, ck.best, ck.last))
+        writes = run is not None
+        callbacks.append(Checkpoint(run.checkpoints if writes else Path(), ck.monitor, ck.mode, ck.best and writes,
+                                    ck.last and writes))
     if cfg.early_stopping is not None:
         es = cfg.early_stopping
         callbacks.append(EarlyStopping(es.monitor, es.mode, es.patience, es.min_delta, es.restore_best))

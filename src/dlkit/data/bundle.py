@@ -47,9 +47,13 @@ class TensorSplit:
             for idx in self.order(batch_size, generator):
                 yield self.take(idx)
             return
-        prepare = self.transform or (lambda x: x)
         for start in range(0, len(self), batch_size):
-            yield prepare(self.x[start : start + batch_size]), self.y[start : start + batch_size]
+            yield self.rows(start, start + batch_size)
+
+    def rows(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """The (x, y) batch of rows start..end-1 in stored order, x as model inputs (a view where it can)."""
+        x = self.x[start:end]
+        return (self.transform(x) if self.transform is not None else x), self.y[start:end]
 
     def order(self, batch_size: int, generator: torch.Generator | None = None) -> list[Tensor]:
         """One epoch's batches as row indices (CPU int64), drawn from `generator`: a random permutation

@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from dlkit.collective import gather_rows, my_block
 from dlkit.config import DataCfg
 from dlkit.data import DataShape, register_dataset
 from dlkit.data.bundle import DataBundle, TensorSplit
@@ -112,7 +113,8 @@ def _val_split(x: np.ndarray, y: np.ndarray, bundle: DataBundle, num_classes: in
 
 
 def _read_all(files: Files, prep: ImagePrep, bad_files: str) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
-    """uint8 images (N, C, size, size) and labels of the readable files, and the skipped names."""
+    """uint8 images (N, C, size, size) and labels of the readable files, and the skipped names. With
+    many processes each decodes its block of the files (on its threads) and all get every image."""
     out = np.empty((len(files), prep.channels, *prep.size), dtype=np.uint8)
 
     def read(i: int) -> str | None:
@@ -123,10 +125,18 @@ def _read_all(files: Files, prep: ImagePrep, bad_files: str) -> tuple[tuple[np.n
         out[i] = (x[0] * 255.0).round_().to(torch.uint8).numpy()
         return None
 
-    errors = _parallel(read, len(files))
+    mine = my_block(len(files))
+    errors: list[str | None] = [None] * len(files)
+    errors[mine.start : mine.stop] = _parallel(lambda k: read(mine.start + k), len(mine))
+    if len(mine) != len(files):  # many processes: gather the others' images and which files failed
+        failed = torch.tensor([errors[i] is not None for i in mine], dtype=torch.uint8)
+        out[:] = gather_rows(torch.from_numpy(out[mine.start : mine.stop])).numpy()
+        for i, bad in enumerate(gather_rows(failed).tolist()):
+            if bad and errors[i] is None:
+                errors[i] = "?"  # another process's file: read again below if its reason is needed
     bad = [i for i, e in enumerate(errors) if e is not None]
     if bad and bad_files == "fail":
-        raise _unreadable(files[bad[0]][1], errors[bad[0]])
+        raise _unreadable(files[bad[0]][1], errors[bad[0]] if errors[bad[0]] != "?" else read(bad[0]))
     keep = np.setdiff1d(np.arange(len(files)), bad)
     labels = np.array([files[i][2] for i in keep], dtype=np.int64)
     return (out[keep] if bad else out, labels), [files[i][1] for i in bad]

@@ -2,6 +2,7 @@
 base's outputs once and trains the head on them, instead of running the base every batch."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from dlkit.data.bundle import TensorSplit
 from dlkit.data.transforms import Augment
+from dlkit.engine.distributed import SINGLE, Dist
 from dlkit.engine.freeze import frozen_prefix, run_prefix
 from dlkit.engine.runtime import autocast
 
@@ -28,8 +30,10 @@ class FeatureCache:
 
 
 def build_cache(prefix: list[nn.Module], train: TensorSplit, val: TensorSplit | None, *, device: torch.device,
-                precision: str, batch_size: int) -> FeatureCache | str:
-    """Run the frozen prefix once over train and val; the reason instead when it would not fit in memory."""
+                precision: str, batch_size: int, dist: Dist = SINGLE) -> FeatureCache | str:
+    """Run the frozen prefix once over train and val; the reason instead when it would not fit in memory.
+    With many processes each rank computes a block of the batches and every rank gets them all: the
+    features are computed once, in the batches one process uses (the same numbers)."""
     tick = time.perf_counter()
     with autocast(device, precision):
         probe = run_prefix(prefix, next(train.batches(1))[0])
@@ -39,17 +43,19 @@ def build_cache(prefix: list[nn.Module], train: TensorSplit, val: TensorSplit | 
 
     def cached(split: TensorSplit) -> TensorSplit:
         parts = []
-        for xb, _ in split.batches(batch_size):
+        for b in dist.my_batches(math.ceil(len(split) / batch_size)):
+            xb, _ = split.rows(b * batch_size, (b + 1) * batch_size)
             with autocast(device, precision):
                 parts.append(run_prefix(prefix, xb))
-        return TensorSplit(torch.cat(parts), split.y)
+        mine = torch.cat(parts) if parts else probe[:0]
+        return TensorSplit(dist.gather_rows(mine), split.y)
 
     return FeatureCache(prefix, cached(train), cached(val) if val is not None else None, time.perf_counter() - tick)
 
 
 def stage_cache(model: nn.Module, previous: FeatureCache | None, train: TensorSplit, val: TensorSplit | None,
                  augment: Augment | None, device: torch.device, precision: str,
-                 batch_size: int) -> tuple[FeatureCache | None, str]:
+                 batch_size: int, dist: Dist = SINGLE) -> tuple[FeatureCache | None, str]:
     """The cache a frozen-base stage trains on (reused from the previous stage when its prefix is the
     same frozen modules), or None and the reason it cannot have one."""
     if augment is not None:
@@ -61,7 +67,7 @@ def stage_cache(model: nn.Module, previous: FeatureCache | None, train: TensorSp
     if previous is not None and len(previous.prefix) == len(prefix) and all(
             a is b for a, b in zip(previous.prefix, prefix)):
         return replace(previous, rest=rest), ""
-    cache = build_cache(prefix, train, val, device=device, precision=precision, batch_size=batch_size)
+    cache = build_cache(prefix, train, val, device=device, precision=precision, batch_size=batch_size, dist=dist)
     if isinstance(cache, str):
         return previous, cache
     return replace(cache, rest=rest), ""

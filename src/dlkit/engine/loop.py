@@ -15,6 +15,7 @@ from dlkit.config import StageCfg, TrainCfg
 from dlkit.data.bundle import DataBundle, Task, TensorSplit
 from dlkit.data.transforms import Augment
 from dlkit.engine.callbacks import Callback, FitState
+from dlkit.engine.distributed import SINGLE, Dist
 from dlkit.engine.feature_cache import FeatureCache, stage_cache
 from dlkit.engine.freeze import param_groups, set_trainable, train_mode
 from dlkit.engine.optim import Schedule, build_optimizer
@@ -69,6 +70,9 @@ class StepContext:
     generator: torch.Generator
     after_backward: Sequence[Callback] = ()
     augment: Augment | None = None
+    dist: Dist = SINGLE
+    # many processes: seeds this rank's dropout for the coming step and returns its augmentation generator
+    reseed: Callable[[], torch.Generator] | None = None
 
 
 @dataclass
@@ -107,37 +111,51 @@ def train_one_epoch(model: nn.Module, split: TensorSplit, ctx: StepContext, prog
     the cursor stands (a resumed run); `after_step(cursor)` sees every step's end."""
     train_mode(model)
     cursor = cursor or Cursor.begin(split, ctx)
+    dist = ctx.dist
     for idx in cursor.order[cursor.step:]:
+        generator, weight = ctx.generator, None
+        if dist.enabled:
+            # this rank's share of the global batch, its loss weighted by that share, so that DDP's mean
+            # over ranks is the gradient of the whole batch's mean loss
+            mine = dist.share(idx)
+            weight = len(mine) * dist.world / len(idx)
+            idx = mine if len(mine) else idx[:1]  # no rows: a stand-in row with weight 0 keeps DDP in step
+            generator = ctx.reseed()
         xb, yb = split.take(idx)
         if ctx.augment is not None:
-            xb = ctx.augment(xb, ctx.generator)
+            xb = ctx.augment(xb, generator)
         with autocast(ctx.device, ctx.precision):
             out = model(xb)
             loss = ctx.loss_fn(out, yb)
         ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if weight is None else loss * weight).backward()
         for cb in ctx.after_backward:
             cb.on_after_backward(model)
         ctx.optimizer.step()
         ctx.schedule.on_batch()
-        # sums stay on the device: no host sync per step
-        cursor.loss_sum += loss.detach().float() * len(yb)
-        cursor.correct += count_correct(out.detach(), yb, ctx.task)
+        if weight != 0:
+            # sums stay on the device: no host sync per step
+            cursor.loss_sum += loss.detach().float() * len(yb)
+            cursor.correct += count_correct(out.detach(), yb, ctx.task)
         cursor.step += 1
         progress.advance()
         if after_step is not None:
             after_step(cursor)
     n = len(split)
-    metrics = {"train_loss": cursor.loss_sum.item() / n}
+    metrics = {"train_loss": dist.all_sum(cursor.loss_sum).item() / n}
     if ctx.task != "regression":
-        metrics["train_accuracy"] = cursor.correct.item() / n
+        metrics["train_accuracy"] = dist.all_sum(cursor.correct).item() / n
     return metrics
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: TensorSplit, task: Task, loss_fn: LossFn, *, device: torch.device,
-             precision: str = "fp32", batch_size: int = 512, prefix: str = "") -> dict[str, float]:
-    """Mean loss and accuracy over `split`, streamed batch by batch in eval mode."""
+             precision: str = "fp32", batch_size: int = 512, prefix: str = "", dist: Dist = SINGLE) -> dict[str, float]:
+    """Mean loss and accuracy over `split`, streamed batch by batch in eval mode. With many processes
+    each rank computes a block of whole batches and the per-batch sums are added in batch order: the
+    numbers one process gets with the same weights."""
+    if dist.enabled:
+        return _evaluate_sharded(model, split, task, loss_fn, device, precision, batch_size, prefix, dist)
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     with eval_mode(model):
@@ -151,6 +169,49 @@ def evaluate(model: nn.Module, split: TensorSplit, task: Task, loss_fn: LossFn, 
     if task != "regression":
         metrics[f"{prefix}accuracy"] = correct.item() / n
     return metrics
+
+
+def _evaluate_sharded(model: nn.Module, split: TensorSplit, task: Task, loss_fn: LossFn, device: torch.device,
+                      precision: str, batch_size: int, prefix: str, dist: Dist) -> dict[str, float]:
+    losses, hits = [], []
+    with eval_mode(model):
+        for b in dist.my_batches(math.ceil(len(split) / batch_size)):
+            xb, yb = split.rows(b * batch_size, (b + 1) * batch_size)
+            with autocast(device, precision):
+                out = model(xb)
+            losses.append(loss_fn(out.float(), yb) * len(yb))
+            hits.append(count_correct(out, yb, task))
+    losses = dist.gather_rows(torch.stack(losses) if losses else torch.zeros(0, device=device))
+    hits = dist.gather_rows(torch.stack(hits) if hits else torch.zeros(0, dtype=torch.long, device=device))
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for loss, hit in zip(losses, hits):  # in batch order, as one process adds them
+        total_loss += loss
+        correct += hit
+    n = max(1, len(split))
+    metrics = {f"{prefix}loss": total_loss.item() / n}
+    if task != "regression":
+        metrics[f"{prefix}accuracy"] = correct.item() / n
+    return metrics
+
+
+@torch.no_grad()
+def sharded_outputs(model: nn.Module, split: TensorSplit, dist: Dist, *, device: torch.device,
+                    batch_size: int = 512) -> Tensor:
+    """The model's fp32 outputs for every row of `split`, each rank computing a block of whole batches
+    (the batches one process would make), gathered in order on every rank, on the CPU."""
+    outs = []
+    with eval_mode(model):
+        for b in dist.my_batches(math.ceil(len(split) / batch_size)):
+            xb, _ = split.rows(b * batch_size, (b + 1) * batch_size)
+            outs.append(model(xb.to(device)).float())
+    mine = torch.cat(outs) if outs else torch.zeros((0, *_output_shape(model, split, device)), device=device)
+    return dist.gather_rows(mine).cpu()
+
+
+def _output_shape(model: nn.Module, split: TensorSplit, device: torch.device) -> tuple[int, ...]:
+    with eval_mode(model):
+        return tuple(model(split.rows(0, 1)[0].to(device)).shape[1:])
 
 
 @torch.no_grad()
@@ -197,7 +258,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
         generator: torch.Generator, callbacks: Sequence[Callback] = (),
         progress: PlainProgress | None = None, augment: Augment | None = None,
         checkpointer: Checkpointer | None = None, resume: TrainState | None = None,
-        stop: StopFlag | None = None) -> History:
+        stop: StopFlag | None = None, dist: Dist = SINGLE, seed: int = 0) -> History:
     """Train `model` on `data` through every stage of `cfg`; callbacks see every epoch and may end the
     stage (`FitState.stop_stage`) or the whole fit (`FitState.stop_run`) after it.
 
@@ -211,6 +272,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
     `resume` (a checkpoint read back) continues a run exactly where that checkpoint was written, so
     it ends with the weights and history the uninterrupted run would have. When `stop` is set (the
     first Ctrl-C or SIGTERM), training writes a checkpoint at the next step boundary and raises.
+
+    `dist` (many processes under torchrun): each stage trains through DistributedDataParallel on this
+    rank's share of every global batch; every rank runs the same stages, epochs and callbacks and
+    agrees at each step on stopping and checkpointing (the checkpointer, on rank 0 only, writes).
+    `seed` seeds each rank's augmentation and dropout per step (engine.distributed).
     """
     progress = progress or QuietProgress()
     model.to(device)
@@ -220,7 +286,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
     train = on_device(data.train, device, channels_last)
     val = on_device(data.val, device, channels_last) if data.val is not None and len(data.val) else None
     run = _Run(model, data, cfg, train, val, device, precision, generator, callbacks, progress, augment,
-               checkpointer, stop or StopFlag())
+               checkpointer, stop or StopFlag(), dist, seed)
     started = time.perf_counter()
     first_stage = run.restore_run(resume) if resume is not None else 0
     cache: FeatureCache | None = None
@@ -250,6 +316,8 @@ class _Run:
     augment: Augment | None
     checkpointer: Checkpointer | None
     stop: StopFlag
+    dist: Dist = SINGLE
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self.loss_fn = loss_for(self.data.task, self.cfg.loss)
@@ -266,6 +334,7 @@ class _Run:
         self.stage_done = 0  # epochs the current stage has finished
         self.ctx: StepContext | None = None
         self.cursor: Cursor | None = None
+        self.rank_generator = torch.Generator(device=self.device)
 
     def stage(self, index: int, stage: StageCfg, cache: FeatureCache | None,
               resume: TrainState | None = None) -> FeatureCache | None:
@@ -279,7 +348,7 @@ class _Run:
             # training-size batches: at 512 a conv base's activations outgrow the CPU caches
             # (measured 2.3x slower for MobileNetV2 at 160 px)
             cache, why = stage_cache(self.model, cache, self.train, self.val, self.augment, self.device,
-                                     self.precision, cfg.batch_size)
+                                     self.precision, cfg.batch_size, self.dist)
             if why:
                 if resume is None:
                     state.notes.append(f"{stage.name}: features not cached: {why}")
@@ -290,7 +359,7 @@ class _Run:
         optimizer = build_optimizer(param_groups(self.model, stage.optimizer), stage.optimizer, self.device)
         ctx = StepContext(self.loss_fn, optimizer, Schedule(optimizer, stage.schedule, stage.epochs, self.steps),
                           self.data.task, self.device, self.precision, cfg.batch_size, self.generator,
-                          self.after_backward, self.augment)
+                          self.after_backward, self.augment, self.dist, self.reseed)
         self.ctx, state.stage, state.optimizer = ctx, index, optimizer
         if resume is None:
             state.stop_stage, self.stage_first, self.stage_done = False, state.epoch + 1, 0
@@ -299,8 +368,9 @@ class _Run:
         else:
             self.restore_stage(resume, ctx)
         cursor, self.cursor = self.cursor, None
+        trained = _ddp(model, self.device) if self.dist.enabled else model
         while self.stage_done < stage.epochs and not state.stop_stage and not state.stop_run:
-            self.epoch(model, train, val, ctx, index, cursor)
+            self.epoch(trained, model, train, val, ctx, index, cursor)
             cursor = None
         for cb in self.callbacks:
             cb.on_stage_end(state)
@@ -311,8 +381,8 @@ class _Run:
                                     "cache_seconds": round(cache.seconds, 3) if cached else 0.0})
         return cache
 
-    def epoch(self, model: nn.Module, train: TensorSplit, val: TensorSplit | None, ctx: StepContext,
-              index: int, cursor: Cursor | None = None) -> None:
+    def epoch(self, trained: nn.Module, model: nn.Module, train: TensorSplit, val: TensorSplit | None,
+              ctx: StepContext, index: int, cursor: Cursor | None = None) -> None:
         """One epoch (or the rest of one, from `cursor`): train, validate, let the schedule and the
         callbacks see its metrics, write a checkpoint."""
         state = self.state
@@ -323,12 +393,14 @@ class _Run:
         tick = time.perf_counter() - cursor.seconds
         self.progress.start_epoch(state.epoch, self.total_epochs, len(cursor.order))
         metrics: dict[str, Any] = {"epoch": state.epoch, "stage": index}
-        metrics |= train_one_epoch(model, train, ctx, self.progress, cursor,
+        metrics |= train_one_epoch(trained, train, ctx, self.progress, cursor,
                                    lambda c: self.after_step(c, tick))
         _check_finite(metrics["train_loss"], state.epoch)
+        self.dist.sync_buffers(self.model)
         if val is not None:
             metrics |= evaluate(model, val, self.data.task, self.loss_fn, device=self.device,
-                                precision=self.precision, batch_size=self.cfg.eval_batch_size, prefix="val_")
+                                precision=self.precision, batch_size=self.cfg.eval_batch_size, prefix="val_",
+                                dist=self.dist)
         metrics["lr"] = cursor.lr
         metrics["seconds"] = round(time.perf_counter() - tick, 4)
         ctx.schedule.on_epoch(metrics)
@@ -338,24 +410,41 @@ class _Run:
         for cb in self.callbacks:
             cb.on_epoch_end(state, metrics)
         self.progress.end_epoch(metrics)
-        if self.checkpointer is not None:
-            self.checkpointer.save(self.global_step, self.snapshot())
-        if self.stop.signum is not None:
-            raise self.stop.exception()
+        if self.checkpointer is not None or self.dist.enabled:
+            self.save()
+        if self.dist.agree(self.stop.signum is not None, device=self.device)[0]:
+            raise (self.stop.exception() if self.stop.signum is not None else KeyboardInterrupt())
 
     def after_step(self, cursor: Cursor, tick: float) -> None:
-        """After each optimizer step: a checkpoint when one is due or a stop was asked for, then stop."""
+        """After each optimizer step: a checkpoint when one is due or a stop was asked for, then stop.
+        With many processes every rank takes the same decision at the same step."""
         self.global_step += 1
-        if self.checkpointer is None:
+        if self.checkpointer is None and not self.dist.enabled:
             return
-        if self.stop.signum is not None or self.checkpointer.due(self.global_step):
+        due = self.checkpointer is not None and self.checkpointer.due(self.global_step)
+        due, stop = self.dist.agree(due, self.stop.signum is not None, device=self.device)
+        if due or stop:
             cursor.seconds = time.perf_counter() - tick
-            self.checkpointer.save(self.global_step, self.snapshot())
-        self.checkpointer.hold(self.global_step, self.stop)
-        if self.stop.signum is not None:
-            if self.checkpointer.last_step != self.global_step:
-                self.checkpointer.save(self.global_step, self.snapshot())
-            raise self.stop.exception()
+            self.save()
+        if self.checkpointer is not None:
+            self.checkpointer.hold(self.global_step, self.stop)
+        if not stop and self.stop.signum is not None and not self.dist.enabled:
+            self.save()  # asked for while held (the test hook); many processes agree at the next step
+            stop = True
+        if stop:
+            raise (self.stop.exception() if self.stop.signum is not None else KeyboardInterrupt())
+
+    def save(self) -> None:
+        """A checkpoint of this moment, written by the checkpointer (rank 0); every rank takes part."""
+        state = self.snapshot()
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.global_step, state)
+
+    def reseed(self) -> torch.Generator:
+        """Many processes: seed this rank's dropout (torch's generator) and augmentation for the next step."""
+        seed = self.dist.step_seed(self.seed, self.global_step + 1)
+        torch.manual_seed(seed)
+        return self.rank_generator.manual_seed(seed)
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -368,7 +457,7 @@ class _Run:
                 "schedule": scheduler.state_dict() if scheduler is not None else None,
                 "callbacks": [cb.state_dict() for cb in self.callbacks],
                 "rng": rng_state(self.generator),
-                "cursor": self.cursor.state() if self.cursor is not None else None}
+                "cursor": self._cursor_state()}
         meta = {"position": {"stage": state.stage, "epoch": state.epoch, "stage_first": self.stage_first,
                              "stage_done": self.stage_done, "global_step": self.global_step,
                              "step": self.cursor.step if self.cursor is not None else None,
@@ -377,6 +466,14 @@ class _Run:
                 "history": {"epochs": self.history.epochs, "stages": self.history.stages},
                 "notes": state.notes}
         return TrainState(tree, meta)
+
+    def _cursor_state(self) -> dict[str, Any] | None:
+        """The epoch's cursor with the running sums of every rank."""
+        if self.cursor is None:
+            return None
+        state = self.cursor.state()
+        state["loss_sum"], state["correct"] = self.dist.all_sum(state["loss_sum"]), self.dist.all_sum(state["correct"])
+        return state
 
     def restore_run(self, resume: TrainState) -> int:
         """The run-wide part of a resume (weights, history, position); returns the stage to start in."""
@@ -407,6 +504,18 @@ class _Run:
             cb.load_state_dict(cb_state)
         set_rng_state(tree["rng"], self.generator)
         self.cursor = Cursor.from_state(tree["cursor"], self.device) if tree["cursor"] is not None else None
+        if self.cursor is not None and not self.dist.is_main:  # the sums of every rank live on rank 0
+            self.cursor.loss_sum.zero_()
+            self.cursor.correct.zero_()
+
+
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` wrapped for training on many processes (built per stage: a stage changes what trains)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not any(p.requires_grad for p in model.parameters()):
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _match_layouts(optimizer: torch.optim.Optimizer) -> None:

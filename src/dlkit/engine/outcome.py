@@ -35,9 +35,10 @@ LEARNED_VALUES = ("weight", "bias")  # claims of a value to learn (S2.1's 1.8 an
 
 @dataclass
 class RunResult:
-    """What `run` returns: where the run is, its summary and its per-epoch history."""
+    """What `run` returns: where the run is, its summary and its per-epoch history (on a rank other
+    than 0 of many processes, which writes nothing: no folder and an empty summary)."""
 
-    run_dir: Path
+    run_dir: Path | None
     summary: dict[str, Any]
     history: list[dict[str, Any]]
 

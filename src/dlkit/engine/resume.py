@@ -244,10 +244,18 @@ def graceful_stop() -> Iterator[StopFlag]:
         yield flag
         return
 
+    # under torchrun a Ctrl-C reaches each worker twice: from the terminal, then relayed by the agent
+    relayed = 2.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
+    first = [0.0]
+
     def handler(signum: int, frame: Any) -> None:
         if flag.signum is not None:
+            if time.monotonic() - first[0] < relayed:
+                return
             raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-        flag.signum = signum
+        flag.signum, first[0] = signum, time.monotonic()
+        if os.environ.get("RANK", "0") != "0":
+            return  # many processes: rank 0 speaks for the run
         what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
         print(f"{what}: stopping after this step to write a checkpoint (Ctrl-C again stops at once)",
               file=sys.stderr, flush=True)

@@ -42,8 +42,10 @@ class TestPredictions:
 
 
 @torch.no_grad()
-def predict_test(model: nn.Module, data: DataBundle, batch_size: int = 512) -> TestPredictions:
-    """Metrics and predictions over the test split, batch by batch, the model in fp32 eval mode.
+def predict_test(model: nn.Module, data: DataBundle, batch_size: int = 512,
+                 outputs: torch.Tensor | None = None) -> TestPredictions:
+    """Metrics and predictions over the test split, batch by batch, the model in fp32 eval mode
+    (`outputs`: the model's outputs for the test split, computed already by many processes).
 
     A class missing from the test split leaves its ROC-AUC undefined (None); `evaluation_notes` says so
     in words, instead of the stream's warning."""
@@ -51,9 +53,12 @@ def predict_test(model: nn.Module, data: DataBundle, batch_size: int = 512) -> T
     device = model_device(model)
     predicted, confidence = [], []
     with eval_mode(model):
-        for xb, yb in data.test.batches(batch_size):
-            logits = model(xb.to(device)).float().cpu()
-            stream.update(logits, yb)
+        for start, (xb, yb) in zip(range(0, len(data.test), batch_size), data.test.batches(batch_size)):
+            if outputs is None:
+                logits = model(xb.to(device)).float().cpu()
+            else:
+                logits = outputs[start : start + batch_size]
+            stream.update(logits, yb.cpu())
             conf, pred = probabilities(logits, data.task).max(1)
             predicted.append(pred.numpy())
             confidence.append(conf.numpy())
@@ -75,8 +80,8 @@ def evaluation_notes(predictions: TestPredictions | None, classes: list[str]) ->
             "examples, so test_roc_auc is left out"]
 
 
-def measure_test(model: nn.Module, data: DataBundle,
-                 batch_size: int = 512) -> tuple[dict[str, Any], TestPredictions | None]:
+def measure_test(model: nn.Module, data: DataBundle, batch_size: int = 512,
+                 outputs: torch.Tensor | None = None) -> tuple[dict[str, Any], TestPredictions | None]:
     """The `test_*` metrics and the latency (`latency_ms`, its p10 / p90) a run adds to summary.json, and (classification) the
     predictions behind them.
 
@@ -85,10 +90,11 @@ def measure_test(model: nn.Module, data: DataBundle,
     Regression: MSE, MAE, R2.
     """
     if data.task == "regression":
-        logits = predict_split(model, data.test, device=model_device(model), batch_size=batch_size)
+        logits = outputs if outputs is not None else predict_split(model, data.test, device=model_device(model),
+                                                                   batch_size=batch_size)
         metrics, predictions = classification_metrics(logits, data.test.y, data.task), None
     else:
-        predictions = predict_test(model, data, batch_size)
+        predictions = predict_test(model, data, batch_size, outputs)
         metrics = predictions.evaluation.metrics("test_")
     return metrics | (latency_stats(model, data.test) or {"latency_ms": None}), predictions
 
