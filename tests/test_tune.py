@@ -222,6 +222,12 @@ def test_a_mistake_is_one_error_line_before_any_trial(args, message):
     assert not Path("runs").exists()
 
 
+def test_tune_refuses_to_run_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli(*TUNE) == (2, "", "error: dlkit tune runs each trial in one process; start it without torchrun "
+                                 "(--jobs J runs trials side by side)\n")
+
+
 def test_a_storage_that_cannot_be_opened_is_one_line_without_its_password():
     code, out, err = cli(*TUNE, "--storage", "postgresql://me:s3cret@127.0.0.1:1/db")
     assert code == 2 and len(err.splitlines()) == 1 and "s3cret" not in err

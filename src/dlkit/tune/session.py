@@ -53,6 +53,9 @@ def tune(recipe: str | Path | Recipe, *, trials: int, space: Sequence[str] | Map
     """Search `space` (FIELD=DIST items or a mapping, over the recipe's own tune section) for the values of
     the recipe that give the best `metric`, in a study of `trials` trials shared with every process
     that names the same `storage` and `study`; see the module and `dlkit tune --help`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's: every rank would run a study of its own
+        raise ConfigError("dlkit tune runs each trial in one process; start it without torchrun (--jobs J runs "
+                          "trials side by side)")
     if trials < 1:
         raise ConfigError(f"--trials must be 1 or more, got {trials}")
     if jobs < 1:
