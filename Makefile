@@ -11,7 +11,7 @@ install: $(STAMP)
 # torch is pinned to the CPU build in constraints.txt; a bare `torch` would pull GBs of CUDA wheels
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,tune]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -11,13 +11,13 @@ SRC = Path(dlkit.__file__).parent
 
 # the lowest layer first; a module may import its own layer and those below it
 LAYERS = [
-    {"errors", "config", "yamlfile", "registry", "files", "hub", "synthetic", "rundir", "collective"},
+    {"errors", "config", "yamlfile", "registry", "files", "hub", "synthetic", "rundir", "collective", "space"},
     {"data"},
     {"models"},
     {"engine", "scratch"},
     {"evaluate"},
     {"runner", "scratch_run", "recipes", "catalog", "predict", "explain", "demo", "cli", "__init__", "__main__",
-     "serve", "launch", "ensemble"},
+     "serve", "launch", "ensemble", "tune"},
 ]
 
 

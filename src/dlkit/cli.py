@@ -182,6 +182,63 @@ def resume(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
 
 
 @app.command()
+def tune(recipe: RecipeArg,
+         trials: Annotated[int, typer.Option(metavar="N", help=(
+             "The study's budget: trials over every process that shares the study (it stops once it holds N)."))],
+         space: Annotated[list[str], typer.Option("--space", metavar="FIELD=DIST", help=(
+             "A searched field (repeatable), over the recipe's tune section: uniform(a, b), loguniform(a, b), "
+             "int(a, b[, step]), logint(a, b) or choice(x, y, ...).")),] = [],
+         metric: Annotated[str, typer.Option(metavar="METRIC", help=(
+             "The per-epoch metric to optimise and prune on: val_accuracy, val_loss, train_accuracy, train_loss."))]
+         = "val_accuracy",
+         direction: Annotated[str | None, typer.Option(metavar="DIRECTION", help=(
+             "maximize or minimize [default: the metric's: maximize accuracy, minimize loss]."))] = None,
+         pruner: Annotated[str, typer.Option(metavar="PRUNER", help="median, hyperband or none.")] = "median",
+         storage: Annotated[str | None, typer.Option(metavar="URL", help=(
+             "Optuna storage shared by every process of the study, e.g. postgresql://user@host/db "
+             "[default: sqlite:///runs/STUDY/study.db]."))] = None,
+         study: Annotated[str | None, typer.Option(metavar="NAME", help=(
+             "The study's name and its folder under runs/ [default: the recipe's name]."))] = None,
+         timeout: Annotated[str | None, typer.Option(metavar="DURATION", help=(
+             "Start no trial after this long (30s, 10m, 2h); the trial under way finishes."))] = None,
+         jobs: Annotated[int, typer.Option(metavar="J", help="Trials at once on this machine (processes).")] = 1,
+         overrides: SetOpt = [], epochs: EpochsOpt = None, seed: SeedOpt = None, data: DataOpt = None,
+         data_dir: DataDirOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None,
+         quiet: QuietOpt = False, report: ReportOpt = None) -> None:
+    """Search a recipe's hyperparameters with Optuna: each trial an ordinary run in runs/STUDY/trial-N/,
+    pruned on the per-epoch metric; prints the trials, writes best.yaml (`dlkit run` reproduces the best
+    trial) and study.html. Several processes (or machines, with --storage) can share one study."""
+    from dlkit.tune import tune as tune_recipe
+
+    result = tune_recipe(recipe, trials=trials, space=space, overrides=overrides, epochs=epochs, seed=seed,
+                         fields=_fields(data, data_dir, device, precision), metric=metric, direction=direction,
+                         pruner=pruner, storage=storage, study=study, timeout=timeout, jobs=jobs, quiet=quiet,
+                         report=report)
+    if not quiet:
+        typer.echo(result.table)
+        for row in result.rows:
+            if row["state"] == "failed":
+                typer.echo(f"trial {row['trial']} failed: {row['note']}")
+        best = result.best
+        if best is None:
+            typer.echo("no trial has completed yet: no best recipe")
+        else:
+            tests = "".join(f", {k} {v:.4f}" for k, v in best["test"].items() if k in ("test_accuracy", "test_mse"))
+            typer.echo(f"best: trial {best['trial']}, {result.metric} {best['value']:.4f}{tests} ({best['run_dir']})")
+            typer.echo(f"best recipe {result.files['best']} (dlkit run {result.files['best']} trains it again)")
+        typer.echo(f"report {result.files['html']}")
+    typer.echo(str(result.folder))
+
+
+@app.command("tune-worker", hidden=True)
+def tune_worker() -> None:
+    """A helper process of `dlkit tune --jobs J` (its settings come on stdin as JSON)."""
+    from dlkit.tune.session import work
+
+    work(json.loads(sys.stdin.read()))
+
+
+@app.command()
 def evaluate(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedDataOpt = None,
              data_dir: MovedDataDirOpt = None) -> None:
     """Re-test a finished run on its test split and print the metrics as JSON (the data must be

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dlkit.errors import ConfigError, did_you_mean
+from dlkit.space import Distribution, parse_distribution, shown
 from dlkit.yamlfile import load_yaml_value
 
 
@@ -234,6 +245,11 @@ class ExpectCfg(Strict):
     n_train: int | None = Field(None, ge=1)
 
 
+# a searched field's distribution, written and read back as its text, e.g. loguniform(0.0001, 0.01)
+SearchDist = Annotated[Distribution, PlainValidator(parse_distribution), PlainSerializer(str, return_type=str)]
+NOT_SEARCHED = ("name", "description", "seed", "expect", "tune")  # they describe a run, or pick its luck
+
+
 class Recipe(Strict):
     name: str
     description: str = ""
@@ -242,6 +258,26 @@ class Recipe(Strict):
     model: ModelCfg
     train: TrainCfg = TrainCfg()
     expect: ExpectCfg = ExpectCfg()
+    # `dlkit tune`'s search space: a dotted field -> a distribution (dlkit.space); `dlkit run` ignores it
+    tune: dict[str, SearchDist] | None = None
+
+    @field_validator("tune")
+    @classmethod
+    def _space(cls, space: dict[str, Distribution] | None, info: ValidationInfo) -> dict[str, Distribution] | None:
+        """Every searched field exists and accepts what its distribution can draw (checked on the
+        recipe as given; a model's own arguments are checked against its builder by `dlkit tune`)."""
+        if space is None:
+            return None
+        if not space:
+            raise ValueError("the search space is empty; give FIELD: DISTRIBUTION lines or leave tune out")
+        for key in space:
+            _check_searched_field(key)
+        if all(name in info.data for name in ("data", "model", "train")):  # else an earlier field's error comes first
+            base = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.data.items()}
+            for key, dist in space.items():
+                for value in dist.probes():
+                    _check_searched_value(base, key, dist, value)
+        return space
 
     @model_validator(mode="after")
     def _no_weights(self) -> Recipe:
@@ -251,6 +287,43 @@ class Recipe(Strict):
         if isinstance(self.model.weights, str) and self.model.weights.strip().lower() == "none":
             self.model.weights = None
         return self
+
+
+def _check_searched_field(key: str) -> None:
+    """A ValueError unless `key` names a field of the recipe schema (list items by index, a model's
+    builder arguments freely) that a search may vary."""
+    parts = key.split(".")
+    if parts[0] in NOT_SEARCHED:
+        raise ValueError(f"'{key}' cannot be searched: {', '.join(NOT_SEARCHED)} describe a run or pick its luck")
+    current: type[BaseModel] | None = Recipe
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        if current is ModelCfg and part not in ModelCfg.model_fields:
+            return  # a builder argument of the model
+        if current is None:
+            raise ValueError(f"'{key}' names no recipe field: '{where}' is a value, not a section")
+        if part.isdigit() and i:
+            continue  # an item of a list of sections
+        field = current.model_fields.get(part)
+        if field is None:
+            hint = did_you_mean(part, current.model_fields)
+            inside = f"in '{where}'" if where else "at the top of a recipe"
+            raise ValueError(f"'{key}' names no recipe field: there is no '{part}' {inside}{hint}")
+        current = _section_type(field.annotation)
+
+
+def _check_searched_value(base: dict[str, Any], key: str, dist: Distribution, value: Any) -> None:
+    """A ValueError unless the recipe `base` with `key` set to `value` is a valid recipe."""
+    raw = _deep_copy(base)
+    try:
+        set_path(raw, key, value)
+    except ConfigError as exc:
+        raise ValueError(f"{key}: {str(exc).removeprefix(f'--set {key}: ')}") from None
+    try:
+        Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"{key}: {dist} can draw {shown(value)}, which the recipe refuses "
+                         f"({describe_validation_error(exc)})") from None
 
 
 def parse_recipe(raw: Any, origin: str = "recipe") -> Recipe:

@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +33,15 @@ from dlkit.rundir import RunDir, check_out
 
 def run(recipe: str | Path | Recipe, *, overrides: list[str] | tuple[str, ...] = (), epochs: int | None = None,
         seed: int | None = None, out: str | Path | None = None, fields: dict[str, Any] | None = None,
-        quiet: bool = True, runs_root: str | Path = "runs", report: bool | None = None) -> RunResult:
+        quiet: bool = True, runs_root: str | Path = "runs", report: bool | None = None,
+        callbacks: Sequence[Callback] = ()) -> RunResult:
     """Train, test and save a recipe (a packaged name, a YAML path or a Recipe), then write its report
-    (`report`: None follows the DLKIT_REPORT environment variable, on unless it is 0)."""
+    (`report`: None follows the DLKIT_REPORT environment variable, on unless it is 0). `callbacks` join
+    the run's own (after them), e.g. the one by which `dlkit tune` watches and prunes a trial."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, epochs=epochs, seed=seed, fields=fields)
-    return execute(recipe, out=out, progress=make_progress(quiet), runs_root=runs_root, report=report)
+    return execute(recipe, out=out, progress=make_progress(quiet), runs_root=runs_root, report=report,
+                   callbacks=callbacks)
 
 
 def report_default() -> bool:
@@ -91,20 +94,25 @@ def _frozen_random_base(recipe: Recipe) -> str | None:
 
 
 def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainProgress | None = None,
-            runs_root: str | Path = "runs", report: bool | None = None) -> RunResult:
+            runs_root: str | Path = "runs", report: bool | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
     """Run a resolved recipe; the run directory is created only once data and model are ready (a
-    path that could not be created is refused before the data are loaded).
+    path that could not be created is refused before the data are loaded). `callbacks` see every
+    epoch after the run's own (the NumPy engine takes none).
 
     The run is complete (bundle, summary, status finished) before its report is written, so a report
     that fails or is interrupted loses nothing: `dlkit report RUN` writes it again. The first Ctrl-C or
     SIGTERM during training stops at the next step with a resumable checkpoint (`dlkit resume RUN`),
     marks the run interrupted and raises RunInterrupted; a second one stops at once."""
     report = report_default() if report is None else report
-    recipe = with_model_defaults(recipe)
+    # a recipe's tune section is dlkit tune's search space: it changes nothing in a run, so the run does not record it
+    recipe = with_model_defaults(recipe).model_copy(update={"tune": None})
     check_out(out, runs_root)
     if recipe.train.engine == "numpy":
         from dlkit.scratch_run import execute_numpy
 
+        if callbacks:
+            raise ConfigError("train.engine numpy trains without callbacks (it reports no epoch while it trains); "
+                              "use train.engine torch")
         return execute_numpy(recipe, out=out, runs_root=runs_root, report=report)
     progress = progress or QuietProgress()
     dist = from_env()
@@ -114,7 +122,7 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     ready = _prepare(recipe, progress, "stopped before training started; nothing was written", dist)
     dist.barrier()  # every rank checked --out before rank 0 creates it
     run = RunDir.create(recipe, out, runs_root) if dist.is_main else None
-    return _train(run, recipe, ready, progress, report)
+    return _train(run, recipe, ready, progress, report, extra_callbacks=callbacks)
 
 
 def resume(run_dir: str | Path, *, force: bool = False, quiet: bool = True, report: bool | None = None,
@@ -201,7 +209,8 @@ def _prepare(recipe: Recipe, progress: PlainProgress, interrupted: str, dist: Di
 
 
 def _train(run: RunDir | None, recipe: Recipe, ready: _Ready, progress: PlainProgress, report: bool,
-           resume_from: TrainState | None = None, resume_notes: list[str] | None = None) -> RunResult:
+           resume_from: TrainState | None = None, resume_notes: list[str] | None = None,
+           extra_callbacks: Sequence[Callback] = ()) -> RunResult:
     """Fit (from `resume_from` when given), test, complete the run directory, write the report. With
     many processes every rank trains and tests; rank 0 alone (`run` given) writes anything."""
     data, model, cfg, dist = ready.data, ready.model, ready.train_cfg, ready.dist
@@ -218,7 +227,7 @@ def _train(run: RunDir | None, recipe: Recipe, ready: _Ready, progress: PlainPro
                                      "versions": library_versions(), "world": dist.world})
     with (guarded(run, total, progress) if run is not None else _quiet_rank(progress)), graceful_stop() as stop:
         history = fit(model, data, cfg, device=ready.device, precision=ready.precision, generator=ready.generator,
-                      callbacks=_callbacks(cfg, run), progress=progress, augment=augment,
+                      callbacks=[*_callbacks(cfg, run), *extra_callbacks], progress=progress, augment=augment,
                       checkpointer=checkpointer, resume=resume_from, stop=stop, dist=dist, seed=recipe.seed)
         history.notes[:0] = ready.notes + (resume_notes or [])
         # tested in fp32 and the default memory layout, as `predict`, `evaluate` and `serve` run the saved

@@ -66,3 +66,25 @@ def test_stop_stage_ends_only_the_current_stage(make_bundle):
     assert stopper.starts == [0, 1]
 
 
+
+
+def test_stop_run_ends_the_whole_fit_after_that_epoch(make_bundle):
+    data = make_bundle("multiclass", n=16, shape=(1, 8, 8))
+
+    class StopAtEpoch(Callback):
+        def __init__(self, epoch: int):
+            self.epoch, self.ends = epoch, []
+
+        def on_epoch_end(self, state: FitState, metrics) -> None:
+            state.stop_run = state.epoch == self.epoch
+
+        def on_stage_end(self, state: FitState) -> None:
+            self.ends.append(state.epoch)
+
+    stopper = StopAtEpoch(4)
+    history = train(data, TrainCfg(epochs=3, stages=[StageCfg(name="a"), StageCfg(name="b"), StageCfg(name="c")]),
+                    callbacks=[stopper])
+    # stage b ends after its first epoch (4) and stage c never starts
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3, 4]
+    assert [(s["name"], s["first_epoch"], s["last_epoch"]) for s in history.stages] == [("a", 1, 3), ("b", 4, 4)]
+    assert stopper.ends == [3, 4]

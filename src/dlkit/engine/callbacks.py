@@ -19,13 +19,14 @@ from dlkit.files import write_text
 
 @dataclass
 class FitState:
-    """What callbacks may read (and `stop_stage`, which they may set) during `fit`."""
+    """What callbacks may read (and `stop_stage` / `stop_run`, which they may set) during `fit`."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer | None = None  # the current stage's
     epoch: int = 0  # global epoch, counted from 1 across stages
     stage: int = 0
     stop_stage: bool = False
+    stop_run: bool = False  # end the whole fit after this epoch: later stages are skipped (a pruned trial)
     notes: list[str] = field(default_factory=list)
 
 

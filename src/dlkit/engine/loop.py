@@ -259,7 +259,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
         progress: PlainProgress | None = None, augment: Augment | None = None,
         checkpointer: Checkpointer | None = None, resume: TrainState | None = None,
         stop: StopFlag | None = None, dist: Dist = SINGLE, seed: int = 0) -> History:
-    """Train `model` on `data` through every stage of `cfg`; callbacks see every epoch.
+    """Train `model` on `data` through every stage of `cfg`; callbacks see every epoch and may end the
+    stage (`FitState.stop_stage`) or the whole fit (`FitState.stop_run`) after it.
 
     Each stage sets what trains (`freeze`, `unfreeze`) and builds its own optimizer over the trainable
     parameters only. A stage whose base is frozen trains the head on the base's features computed
@@ -290,7 +291,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainCfg, *, device: torch.devi
     first_stage = run.restore_run(resume) if resume is not None else 0
     cache: FeatureCache | None = None
     for index, stage in enumerate(run.stages):
-        if index >= first_stage:
+        if index >= first_stage and not run.state.stop_run:
             cache = run.stage(index, stage, cache, resume if index == first_stage else None)
     run.history.train_seconds = time.perf_counter() - started
     run.history.notes = run.state.notes
@@ -368,7 +369,7 @@ class _Run:
             self.restore_stage(resume, ctx)
         cursor, self.cursor = self.cursor, None
         trained = _ddp(model, self.device) if self.dist.enabled else model
-        while self.stage_done < stage.epochs and not state.stop_stage:
+        while self.stage_done < stage.epochs and not state.stop_stage and not state.stop_run:
             self.epoch(trained, model, train, val, ctx, index, cursor)
             cursor = None
         for cb in self.callbacks:
@@ -460,7 +461,7 @@ class _Run:
         meta = {"position": {"stage": state.stage, "epoch": state.epoch, "stage_first": self.stage_first,
                              "stage_done": self.stage_done, "global_step": self.global_step,
                              "step": self.cursor.step if self.cursor is not None else None,
-                             "stop_stage": state.stop_stage},
+                             "stop_stage": state.stop_stage, "stop_run": state.stop_run},
                 "callbacks": [type(cb).__name__ for cb in self.callbacks],
                 "history": {"epochs": self.history.epochs, "stages": self.history.stages},
                 "notes": state.notes}
@@ -486,6 +487,7 @@ class _Run:
         self.history.stages = list(resume.meta["history"]["stages"])
         self.state.notes = list(resume.meta["notes"])
         self.state.epoch, self.state.stage, self.state.stop_stage = pos["epoch"], pos["stage"], pos["stop_stage"]
+        self.state.stop_run = pos.get("stop_run", False)  # checkpoints from before stop_run have none
         self.stage_first, self.stage_done, self.global_step = pos["stage_first"], pos["stage_done"], pos["global_step"]
         if self.checkpointer is not None:
             self.checkpointer.last_step = self.global_step
