@@ -22,6 +22,7 @@ from dlkit.models import build_model, family, model_args, with_model_defaults
 from dlkit.models.surface import DlkitModel
 from dlkit.recipes import load_recipe
 from dlkit.rundir import RunDir, check_out
+from dlkit.track import finish_tracking, start_tracking, sync_after, tracking_callbacks, tracking_outcome
 
 
 def run(recipe: str | Path | Recipe, *, overrides: list[str] | tuple[str, ...] = (), epochs: int | None = None,
@@ -97,7 +98,7 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     if recipe.train.engine == "numpy":
         from dlkit.scratch_run import execute_numpy
 
-        return execute_numpy(recipe, out=out, runs_root=runs_root, report=report)
+        return sync_after(recipe, execute_numpy(recipe, out=out, runs_root=runs_root, report=report), runs_root)
     progress = progress or QuietProgress()
     try:
         device = resolve_device(recipe.train.device)
@@ -116,15 +117,17 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
         raise RunInterrupted("stopped before training started; nothing was written", exc) from None
 
     run = RunDir.create(recipe, out, runs_root)
+    tracker = start_tracking(recipe, run, runs_root)  # None unless the recipe is tracked (MLflow loads only then)
     augment = None
     if recipe.data.augment.enabled():
         from dlkit.data.transforms import make_augment
 
         augment = make_augment(recipe.data.augment, data.preprocessing)
     total = sum(s.epochs for s in resolve_stages(train_cfg))
-    with guarded(run, total, progress):
+    with tracking_outcome(tracker), guarded(run, total, progress):
         history = fit(model, data, train_cfg, device=device, precision=precision, generator=generator,
-                      callbacks=_callbacks(train_cfg, run), progress=progress, augment=augment)
+                      callbacks=_callbacks(train_cfg, run) + tracking_callbacks(tracker), progress=progress,
+                      augment=augment)
         history.notes[:0] = notes
         # tested in fp32 and the default memory layout, as `predict`, `evaluate` and `serve` run the saved
         # bundle, so their answers agree with summary.json to the last bit on the same device
@@ -132,10 +135,13 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
         test, predictions = measure_test(model, data, recipe.train.eval_batch_size)
         history.notes += evaluation_notes(predictions, data.classes)
         summary = complete_run(run, recipe, data, model, history, test, device, precision, extra)
-    if report:
-        from dlkit.evaluate.report import report_after_run  # matplotlib loads only when a report is written
+    try:
+        if report:
+            from dlkit.evaluate.report import report_after_run  # matplotlib loads only when a report is written
 
-        report_after_run(run.path, model, data, predictions)
+            report_after_run(run.path, model, data, predictions)
+    finally:
+        finish_tracking(tracker)  # the run is finished whatever its report did: FINISHED, with what exists
     return RunResult(run.path, summary, history.epochs)
 
 
