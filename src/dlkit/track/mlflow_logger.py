@@ -32,6 +32,10 @@ class MlflowTracker(Callback):
         self.run, self.state = run, state
         self.failure: str | None = None
         self.ended = False
+        # what tracking cost: the sending thread's CPU seconds per kind of job, and how long training waited
+        # for the MLflow run to exist (benchmarks/track_overhead.py reports them)
+        self.cpu_seconds = {"open": 0.0, "epochs": 0.0, "end": 0.0}
+        self.waited_s = 0.0
         self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._opened = threading.Event()
         self._waited = False
@@ -46,7 +50,9 @@ class MlflowTracker(Callback):
     def on_stage_start(self, state: FitState) -> None:
         if not self._waited:
             self._waited = True
+            started = time.perf_counter()
             self._opened.wait(START_WAIT_S)
+            self.waited_s = time.perf_counter() - started
 
     def on_epoch_end(self, state: FitState, metrics: dict[str, float]) -> None:
         self._jobs.put(("epoch", dict(metrics), int(time.time() * 1000)))
@@ -81,6 +87,7 @@ class MlflowTracker(Callback):
                 epochs.append((job[1], job[2]))
                 if time.monotonic() - last < SEND_EVERY_S:
                     continue
+            cpu = time.thread_time()
             try:
                 if self.failure is None:
                     if kind == "open":
@@ -94,6 +101,7 @@ class MlflowTracker(Callback):
                 self._fail(exc)
             finally:
                 epochs = []  # sent, or recorded as not sent (tracking.json): sync sends them from metrics.jsonl
+                self.cpu_seconds[kind if kind in ("open", "end") else "epochs"] += time.thread_time() - cpu
                 if kind == "open":
                     self._opened.set()
             if kind == "stop":
