@@ -22,7 +22,7 @@ from dlkit.errors import RunInterrupted, TrainingError
 from dlkit.predict import Predictor
 from dlkit.rundir import RunDir
 from dlkit.track import content, resume_tracker, sync_run, tracking_outcome
-from dlkit.track.sync import PYFUNC_LOADER, requirements
+from dlkit.track.logged_model import PYFUNC_LOADER, requirements
 
 TRACK = {"track.backend": "mlflow"}
 

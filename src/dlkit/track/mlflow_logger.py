@@ -18,6 +18,7 @@ from typing import Any
 from dlkit.engine.callbacks import Callback, FitState
 from dlkit.errors import error_line
 from dlkit.rundir import RunDir
+from dlkit.track.settings import client_env
 
 START_WAIT_S = 15.0  # the first stage waits this long for the run to exist in MLflow (import, database, server)
 SEND_EVERY_S = 2.0  # epochs shorter than this are sent together: one database or HTTP call per 2 s at most
@@ -39,6 +40,7 @@ class MlflowTracker(Callback):
         self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._opened = threading.Event()
         self._waited = False
+        client_env()  # here, not in the thread: setting environment variables races with the C code reading them
         # a daemon: a process that must stop (Ctrl-C while MLflow hangs) is not held by it; what it had not
         # sent is still recorded as not sent
         self._thread = threading.Thread(target=self._work, name="dlkit-mlflow", daemon=True)

@@ -9,8 +9,6 @@ when its sha256 changed), the model is logged once.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,8 @@ from dlkit.errors import DlkitError, RunDirError
 from dlkit.files import sha256_file
 from dlkit.rundir import RunDir
 from dlkit.track import content
+from dlkit.track.logged_model import log_bundle_model, register
 from dlkit.track.settings import artifact_location, client_env, sqlite_path, tracking_uri
-
-PYFUNC_LOADER = Path(__file__).with_name("pyfunc_model.py")  # the model's code (MLflow's models from code)
-MODEL_NAME = "model"  # the logged model's name, and its artifact folder
 
 
 class TrackingError(DlkitError):
@@ -150,11 +146,11 @@ class Sender:
         if not self.state.get("log_model", True) or self.run.status()["state"] != "finished":
             return
         if self.sent["model"] is None:
-            self.sent["model"] = self._log_model()
+            self.sent["model"] = log_bundle_model(self.client, self.run, self.open_run(), self.state["experiment_id"])
             self.save()
         name = self.state.get("register")
         if name and self.sent.get("registered") is None:
-            self.sent["registered"] = self._register(name, self.sent["model"])
+            self.sent["registered"] = register(self.client, name, self.sent["model"], self.state["run_id"])
             self.save()
 
     def send_status(self, fallback: tuple[str, str] | None = None) -> None:
@@ -212,63 +208,6 @@ class Sender:
             raise TrackingError(f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore "
                                 f"--experiment-id {found.experiment_id}) or set track.experiment")
         return found.experiment_id
-
-    def _log_model(self) -> str:
-        """Log the pyfunc model (this package's pyfunc_model.py as its code, the bundle's files as its one
-        artifact, no pickle, no signature) as a LoggedModel of the run; returns its id."""
-        import mlflow
-        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-        from mlflow.models import Model
-
-        bundle = self.run.verify()  # what the model carries is what the run finished with
-        run_id = self.open_run()
-        logged = self.client.create_logged_model(experiment_id=self.state["experiment_id"], name=MODEL_NAME,
-                                                 source_run_id=run_id, model_type="dlkit")
-        try:
-            with tempfile.TemporaryDirectory(prefix="dlkit-model-") as tmp:
-                files = Path(tmp, "run")
-                files.mkdir()
-                for name in content.model_files(bundle):
-                    shutil.copyfile(self.run.path / name, files / name)
-                meta = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
-                             model_id=logged.model_id)
-                local = Path(tmp, MODEL_NAME)
-                mlflow.pyfunc.save_model(path=str(local), python_model=str(PYFUNC_LOADER),
-                                         artifacts={"run": str(files)}, mlflow_model=meta,
-                                         pip_requirements=requirements(bundle))
-                self.client.log_model_artifacts(logged.model_id, str(local))
-            self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-        except BaseException:
-            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-            raise
-        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-        return logged.model_id
-
-    def _register(self, name: str, model_id: str) -> str:
-        """A new version of registered model `name` (created when missing) from the logged model."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        # the logged model's own location as the source: MLflow's SQL registry would resolve `models:/<id>`
-        # through the process-wide tracking URI rather than this client's (a TODO in its sqlalchemy_store)
-        source = self.client.get_logged_model(model_id).artifact_location
-        version = self.client.create_model_version(name, source=source, run_id=self.state["run_id"], model_id=model_id)
-        return str(version.version)
-
-
-def requirements(bundle: dict[str, Any]) -> list[str]:
-    """The pyfunc model's pip requirements: dlkit and the versions the bundle was made with (its loader
-    imports dlkit; serve it with `--env-manager local` where dlkit is installed)."""
-    import mlflow
-
-    versions = bundle.get("versions", {})
-    pins = [f"dlkit=={versions.get('dlkit')}", f"mlflow=={mlflow.__version__}"]
-    pins += [f"{name}=={versions[name]}" for name in ("torch", "numpy", "safetensors", "scikit-learn") if name in versions]
-    return pins
 
 
 def sync_run(run_dir: str | Path, cfg: TrackCfg | None = None, runs_root: str | Path = "runs") -> dict[str, Any]:
