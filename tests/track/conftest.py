@@ -93,7 +93,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
         wait_until_ready(f"{url}/health", proc, log)
         yield url
     finally:
-        stop(proc, log)
+        assert stop(proc, log) == 0, log.read_text()[-2000:]  # SIGTERM is how a server stops: no error
         deadline = time.monotonic() + 20
         while listening(port):
             assert time.monotonic() < deadline, f"port {port} still answers after dlkit ui stopped:\n" + "\n".join(

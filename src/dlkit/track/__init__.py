@@ -55,8 +55,8 @@ def resume_tracker(run_dir: str | Path) -> Callback | None:
     """The tracker of a run directory being resumed: the SAME MLflow run (its id is in tracking.json), set
     running again, its earlier error tag removed; None for a run that was not tracked. Use it as
     `start_tracking`'s tracker. Epochs MLflow has already (up to tracking.json's `sent.epochs`) are not
-    sent again: an exact resume computes them again to the same values. Without MLflow installed any more: a warning and None (training resumes;
-    `dlkit track sync RUN` sends it once MLflow is back)."""
+    sent again: an exact resume computes them again to the same values. Without MLflow installed any
+    more: a warning and None (training resumes; `dlkit track sync RUN` sends it once MLflow is back)."""
     run = RunDir(Path(run_dir).expanduser())
     state = run.tracking()
     recipe = run.recipe()

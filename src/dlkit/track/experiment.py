@@ -119,7 +119,7 @@ def ui_command(uri: str, port: int) -> list[str]:
 
 def run_ui(uri: str, port: int) -> int:
     """Start MLflow's UI over `uri` on HOST:`port` and wait; Ctrl-C or SIGTERM stops it (and its server
-    process) cleanly. Returns the server's exit code."""
+    process) cleanly, as `dlkit serve` stops: exit code 0. Returns the server's exit code otherwise."""
     command = ui_command(uri, port)
     with socket.socket() as probe:
         try:
@@ -132,6 +132,8 @@ def run_ui(uri: str, port: int) -> int:
     server = subprocess.Popen(command, env=env)
     try:
         return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (dlkit's Terminated): the way to stop a server
+        return 0
     finally:
         if server.poll() is None:
             server.terminate()  # mlflow server hands SIGTERM on to its uvicorn process
