@@ -62,7 +62,7 @@ def one_run(root: Path, name: str, tracked: bool) -> dict[str, float]:
     if tracked:
         tracker = _trackers[-1]
         cost |= {"send_cpu": tracker.cpu_seconds["epochs"], "open_cpu": tracker.cpu_seconds["open"],
-                 "end_cpu": tracker.cpu_seconds["end"], "waited": tracker.waited_s}
+                 "end_cpu": tracker.cpu_seconds["end"], "waited": tracker.waited_s, "ending": tracker.ending_s}
     return cost
 
 
@@ -110,6 +110,7 @@ def main() -> None:
         "opening_wait_seconds": round(median(tracked, "waited"), 3),
         "opening_cpu_seconds": round(median(tracked, "open_cpu"), 3),
         "ending_cpu_seconds": round(median(tracked, "end_cpu"), 3),
+        "ending_wait_seconds": round(median(tracked, "ending"), 3),
         "train_seconds": {"untracked": round(median(plain, "train"), 3), "tracked": round(median(tracked, "train"), 3)},
         "run_seconds": {"untracked": round(median(plain, "wall"), 2), "tracked": round(median(tracked, "wall"), 2)},
         "extra_seconds_per_run": round(median(tracked, "wall") - median(plain, "wall"), 2),

@@ -33,10 +33,11 @@ class MlflowTracker(Callback):
         self.run, self.state = run, state
         self.failure: str | None = None
         self.ended = False
-        # what tracking cost: the sending thread's CPU seconds per kind of job, and how long training waited
-        # for the MLflow run to exist (benchmarks/track_overhead.py reports them)
+        # what tracking cost: the sending thread's CPU seconds per kind of job, and how long the run waited
+        # for it (benchmarks/track_overhead.py reports them)
         self.cpu_seconds = {"open": 0.0, "epochs": 0.0, "end": 0.0}
-        self.waited_s = 0.0
+        self.waited_s = 0.0  # before the first epoch
+        self.ending_s = 0.0  # after the run, for the results, files, model and status
         self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._opened = threading.Event()
         self._waited = False
@@ -67,9 +68,11 @@ class MlflowTracker(Callback):
         if self.ended:
             return self.failure is None
         self.ended = True
+        started = time.perf_counter()
         self._jobs.put(("end", outcome))
         self._jobs.put(_STOP)
         self._thread.join(wait)
+        self.ending_s = time.perf_counter() - started
         return self.failure is None and not self._thread.is_alive()
 
     # ---- the sending thread ------------------------------------------------------------------------
