@@ -11,7 +11,7 @@ install: $(STAMP)
 # torch is pinned to the CPU build in constraints.txt; a bare `torch` would pull GBs of CUDA wheels
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,tune]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,tune,track]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_integrity.py
 	$(BIN)/python benchmarks/serve_speed.py
 	$(BIN)/python benchmarks/checkpoint_overhead.py
+	$(BIN)/python benchmarks/track_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

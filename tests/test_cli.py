@@ -121,17 +121,17 @@ def test_list_one_kind(tmp_path, kind, expected):
 
 
 LIGHT_COMMANDS = [("--version",), ("--help",), ("list", "recipes"), ("list", "models"), ("list", "datasets"),
-                  ("list",), ("run", "--help")]
+                  ("list",), ("run", "--help"), ("ui", "--help"), ("track", "sync", "--help")]
 
 
 @pytest.mark.parametrize("args", LIGHT_COMMANDS, ids=" ".join)
-def test_light_commands_import_neither_torch_nor_sklearn(tmp_path, args):
+def test_light_commands_import_neither_torch_nor_sklearn_nor_mlflow(tmp_path, args):
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dlkit", *args], cwd=tmp_path,
                           capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "dlkit.cli" in imported  # the log is read right
-    assert {"torch", "sklearn", "matplotlib"} & imported == set()
+    assert {"torch", "sklearn", "matplotlib", "mlflow"} & imported == set()
 
 
 def test_version(tmp_path):

@@ -17,7 +17,7 @@ LAYERS = [
     {"engine", "scratch"},
     {"evaluate"},
     {"runner", "scratch_run", "recipes", "catalog", "predict", "explain", "demo", "cli", "__init__", "__main__",
-     "serve", "launch", "ensemble", "tune"},
+     "serve", "launch", "ensemble", "tune", "track"},
 ]
 
 

@@ -54,6 +54,14 @@ RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", help="A packaged rec
 ReportOpt = Annotated[bool | None, typer.Option("--report/--no-report", show_default=False, metavar="",
                                                 help="Write plots/ and report.html after testing "
                                                      "[default: yes, unless DLKIT_REPORT=0].")]
+TrackOpt = Annotated[str | None, typer.Option(
+    "--track", metavar="BACKEND", help="mlflow: also log the run to MLflow (MLFLOW_TRACKING_URI, else "
+                                       "runs/mlflow.db); none: not, whatever the recipe's track section says.")]
+RegisterOpt = Annotated[str | None, typer.Option(
+    "--register", metavar="NAME", help="Register the run's model in MLflow's model registry as NAME "
+                                       "(tracks the run with MLflow).")]
+UriOpt = Annotated[str | None, typer.Option(
+    "--uri", metavar="URI", help="MLflow tracking URI [default: MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db].")]
 
 
 def _fields(data: str | None, data_dir: Path | None, device: str | None, precision: str | None) -> dict[str, Any]:
@@ -89,7 +97,8 @@ def run(recipe: RecipeArg, overrides: SetOpt = [], epochs: EpochsOpt = None, see
         nproc: NprocOpt = 1,
         ensemble: Annotated[bool, typer.Option("--ensemble", metavar="", help=(
             "With --seeds N: train the seeds on one data split (data.split_seed) and ensemble them "
-            "(the ensemble's run directory is printed last)."))] = False) -> None:
+            "(the ensemble's run directory is printed last)."))] = False,
+        track: TrackOpt = None, register: RegisterOpt = None) -> None:
     """Run a recipe (a packaged name or a YAML file): train, test, save; prints the run directory last."""
     from dlkit.recipes import load_recipe
 
@@ -100,6 +109,7 @@ def run(recipe: RecipeArg, overrides: SetOpt = [], epochs: EpochsOpt = None, see
     _maybe_launch(nproc)
     resolved = load_recipe(recipe, overrides, epochs=epochs, seed=seed,
                            fields=_fields(data, data_dir, device, precision))
+    resolved = _tracked(resolved, track, register, seeds)
     if seeds == 1:
         _execute(resolved, out, quiet, report)
         return
@@ -112,6 +122,8 @@ def run(recipe: RecipeArg, overrides: SetOpt = [], epochs: EpochsOpt = None, see
     runs = [_execute(resolved.model_copy(update={"seed": resolved.seed + k}, deep=True),
                      out / f"seed-{resolved.seed + k}" if out is not None else None, quiet, report)
             for k in range(seeds)]
+    if runs[0] is None:  # a rank other than 0 of many processes: rank 0 compares
+        return
     typer.echo(compare_runs(runs, "md"))
     if ensemble and runs[0] is not None:  # rank 0 alone ensembles, after every seed
         _ensemble(runs, None, "mean", out / "ensemble" if out is not None else None, quiet, report)
@@ -156,14 +168,14 @@ def train(model: Annotated[str, typer.Option(metavar="NAME", help="A registered 
               metavar="WHAT", help="none, or base: train only the classifier on a frozen base.")] = "none",
           overrides: SetOpt = [], seed: SeedOpt = None, out: OutOpt = None, data_dir: DataDirOpt = None,
           device: DeviceOpt = None, precision: PrecisionOpt = None, quiet: QuietOpt = False,
-          report: ReportOpt = None) -> None:
+          report: ReportOpt = None, track: TrackOpt = None, register: RegisterOpt = None) -> None:
     """Train a model on a data set without a recipe file."""
     from dlkit.recipes import adhoc_recipe
 
     fields = _fields(None, data_dir, device, precision) | {"model.weights": weights, "train.freeze": freeze}
     resolved = adhoc_recipe(model, data, overrides, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                             lr=lr, seed=seed, fields=fields)
-    _execute(resolved, out, quiet, report)
+    _execute(_tracked(resolved, track, register), out, quiet, report)
 
 
 @app.command()
@@ -310,16 +322,33 @@ def explain(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
 
 @app.command()
 def compare(
-    runs: Annotated[list[Path], typer.Argument(metavar="RUN...")],
+    runs: Annotated[list[Path] | None, typer.Argument(metavar="RUN...")] = None,
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="md, csv or html")] = "md",
     per_run: Annotated[bool, typer.Option("--per-run", metavar="", help="one row per run instead of per recipe")] = False,
+    experiment: Annotated[str | None, typer.Option(
+        "--experiment", metavar="NAME", help="Also the finished runs of this MLflow experiment.")] = None,
+    uri: UriOpt = None,
 ) -> None:
     """One table over finished runs, grouped by recipe: mean ± std over seeds (95% interval from 3
     runs), the seed's claim beside ours, params, train time and latency. Runs whose recipe.yaml
     differ in more than the seed get rows of their own, labelled with the differing settings."""
-    from dlkit.evaluate.compare import compare_rows, compare_runs, markdown_table
+    from dlkit.evaluate.compare import compare_rows, compare_table, markdown_table, render
 
-    table = markdown_table(compare_rows(runs)) if per_run else compare_runs(runs, fmt)
+    runs = runs or []
+    if not runs and experiment is None:
+        raise ConfigError("give run directories, --experiment NAME (an MLflow experiment), or both")
+    records, notes = [], []
+    if experiment is not None:
+        from dlkit.track import tracking_uri
+        from dlkit.track.experiment import experiment_records
+        from dlkit.track.settings import checked_uri, require_mlflow
+
+        require_mlflow()
+        records, notes = experiment_records(experiment, checked_uri(uri) if uri else tracking_uri(), runs)
+        if not runs and not records:
+            raise ConfigError(f"MLflow experiment '{experiment}' holds no finished dlkit run to compare"
+                              + (f" ({'; '.join(notes)})" if notes else ""))
+    table = markdown_table(compare_rows(runs, records)) if per_run else render(compare_table(runs, records, notes), fmt)
     typer.echo(table, nl=not table.endswith("\n"))  # csv ends its last record itself
 
 
@@ -360,6 +389,67 @@ def serve(
     os.environ["DLKIT_SERVE_SETTINGS"] = json.dumps({"runs": runs, **settings})
     uvicorn.run("dlkit.serve.app:app_from_settings", factory=True, host=host, port=port, workers=workers,
                 log_level="info")
+
+
+@app.command()
+def ui(uri: UriOpt = None, port: Annotated[int, typer.Option(metavar="PORT")] = 5000) -> None:
+    """MLflow's UI over the tracking store (runs/mlflow.db unless MLFLOW_TRACKING_URI or --uri say
+    otherwise), on 127.0.0.1:PORT; Ctrl-C stops it."""
+    from dlkit.track import tracking_uri
+    from dlkit.track.experiment import run_ui
+    from dlkit.track.settings import checked_uri, require_mlflow
+
+    require_mlflow()
+    code = run_ui(checked_uri(uri) if uri else tracking_uri(), port)
+    if code:
+        raise SystemExit(code)
+
+
+track_app = typer.Typer(no_args_is_help=True, help="Experiment tracking with MLflow.")
+app.add_typer(track_app, name="track")
+
+
+@track_app.command("sync")
+def track_sync(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], uri: UriOpt = None,
+               experiment: Annotated[str | None, typer.Option(
+                   metavar="NAME", help="Experiment of a run never tracked [default: its recipe's name].")] = None,
+               ) -> None:
+    """Send to MLflow what it does not have of a run: what a tracking server that was down missed, files
+    written later (dlkit export, dlkit report), or a whole run that was never tracked. Prints one JSON line."""
+    from dlkit.track import sync_run
+    from dlkit.track.experiment import summary_line
+
+    typer.echo(summary_line(sync_run(run_dir, uri=uri, experiment=experiment)))
+
+
+def _tracked(recipe: Any, track: str | None, register: str | None, seeds: int = 1) -> Any:
+    """The recipe with `--track` / `--register` applied (MLflow checked installed); runs of `--seeds N` get
+    one group tag."""
+    if track not in (None, "mlflow", "none"):
+        raise ConfigError(f"--track must be mlflow or none, got '{track}'")
+    if track == "none":
+        if register:
+            raise ConfigError("--register needs tracking; drop --track none")
+        return recipe.model_copy(update={"track": None})
+    if track == "mlflow" or register:
+        from dlkit.config import TrackCfg
+
+        cfg = recipe.track or TrackCfg()
+        recipe = recipe.model_copy(update={"track": cfg.model_copy(update={"registered_model": register or
+                                                                           cfg.registered_model})})
+    if recipe.track is None:
+        return recipe
+    from dlkit.track.settings import checked_uri, require_mlflow
+
+    require_mlflow()
+    if recipe.track.uri:
+        checked_uri(recipe.track.uri)
+    if seeds > 1 and recipe.track.group is None:
+        import time
+
+        group = f"{recipe.name}-seeds-{recipe.seed}-{recipe.seed + seeds - 1}-{time.strftime('%Y%m%d-%H%M%S')}"
+        recipe = recipe.model_copy(update={"track": recipe.track.model_copy(update={"group": group})})
+    return recipe
 
 
 def _api_key(path: Path | None) -> str | None:

@@ -248,6 +248,18 @@ class ExpectCfg(Strict):
 # a searched field's distribution, written and read back as its text, e.g. loguniform(0.0001, 0.01)
 SearchDist = Annotated[Distribution, PlainValidator(parse_distribution), PlainSerializer(str, return_type=str)]
 NOT_SEARCHED = ("name", "description", "seed", "expect", "tune")  # they describe a run, or pick its luck
+class TrackCfg(Strict):
+    """Experiment tracking: each run is also logged to MLflow (the run directory stays the source of
+    truth; `dlkit track sync RUN` sends what a tracking server did not take). Leave `track` out for none."""
+
+    backend: Literal["mlflow"] = "mlflow"
+    # a tracking URI (http://host:5000, sqlite:///path.db); unset: $MLFLOW_TRACKING_URI, else
+    # sqlite:///<runs folder>/mlflow.db with the artifacts in mlartifacts/ beside it
+    uri: str | None = Field(None, min_length=1)
+    experiment: str | None = Field(None, min_length=1)  # unset: the recipe's name
+    registered_model: str | None = Field(None, min_length=1)  # register the logged model under this name
+    group: str | None = Field(None, min_length=1)  # tags runs made together (`--seeds N` sets it)
+    log_model: bool = True  # the bundle as an MLflow pyfunc model (models from code, no pickle)
 
 
 class Recipe(Strict):
@@ -278,6 +290,7 @@ class Recipe(Strict):
                 for value in dist.probes():
                     _check_searched_value(base, key, dist, value)
         return space
+    track: TrackCfg | None = None  # unset (the default): no tracking, and recipe.yaml has no track section
 
     @model_validator(mode="after")
     def _no_weights(self) -> Recipe:

@@ -14,6 +14,7 @@ any corrupt or hand-edited file into one error line naming the file.
                        the bundle needs (verified before use)
     summary.json       test metrics, sizes, cost, environment, the claim beside ours
     evaluation.json, plots/, report.html   the report (written after the run is finished)
+    tracking.json      a tracked run: where (MLflow's URI, experiment, run id) and what was sent there
 
 Every file is written atomically (dlkit.files). `finish` writes the weights, then the bundle that
 names their digest, then the summary, then the status: a run is finished only once all are there.
@@ -37,6 +38,7 @@ from dlkit.yamlfile import read_yaml
 BUNDLE_FORMAT = "dlkit-bundle/2"  # 2: bundle.json records the sha256 of the files it needs
 WEIGHTS = "model.safetensors"
 STATUS = "status.json"
+TRACKING = "tracking.json"
 REQUIRED = ("recipe.yaml", "bundle.json", WEIGHTS, "summary.json", STATUS)
 State = Literal["running", "interrupted", "failed", "finished"]
 
@@ -157,6 +159,17 @@ class SummarySpec(_Spec):
         return raw
 
 
+class TrackingSpec(_Spec):
+    """tracking.json as read back: where the run is tracked; `sent` records what reached the tracker."""
+
+    backend: Literal["mlflow"]
+    tracking_uri: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+    run_name: str = Field(min_length=1)
+    run_id: str | None = None  # None until the tracker has created the run
+    sent: dict[str, Any] = {}
+
+
 class EpochSpec(_Spec):
     epoch: int = Field(ge=1)
     stage: int = Field(ge=0)
@@ -228,6 +241,10 @@ class RunDir:
                                                "files": {WEIGHTS: sha256_file(self.weights)}})
         write_json(self.path / "summary.json", summary)
         self.mark("finished", "")
+
+    def write_tracking(self, state: dict[str, Any]) -> None:
+        """tracking.json: where the run is tracked and what was sent there (rewritten whole)."""
+        write_json(self.path / TRACKING, state)
 
     def record_export(self, name: str, info: dict[str, Any]) -> None:
         """Record an export (`info["file"]`, e.g. model.onnx, already written) as bundle["exports"][name],
@@ -306,6 +323,12 @@ class RunDir:
 
     def summary(self) -> dict[str, Any]:
         return self._checked("summary.json", SummarySpec)
+
+    def tracking(self) -> dict[str, Any] | None:
+        """tracking.json checked field by field, or None for a run that was never tracked."""
+        if not (self.path / TRACKING).is_file():
+            return None
+        return self._checked(TRACKING, TrackingSpec)
 
     def bundle(self) -> dict[str, Any]:
         """The bundle metadata, checked field by field (a format this version reads, classes that fit

@@ -29,6 +29,14 @@ from dlkit.models import build_model, family, model_args, with_model_defaults
 from dlkit.models.surface import DlkitModel
 from dlkit.recipes import load_recipe
 from dlkit.rundir import RunDir, check_out
+from dlkit.track import (
+    finish_tracking,
+    resume_tracker,
+    start_tracking,
+    sync_after,
+    tracking_callbacks,
+    tracking_outcome,
+)
 
 
 def run(recipe: str | Path | Recipe, *, overrides: list[str] | tuple[str, ...] = (), epochs: int | None = None,
@@ -113,7 +121,7 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
         if callbacks:
             raise ConfigError("train.engine numpy trains without callbacks (it reports no epoch while it trains); "
                               "use train.engine torch")
-        return execute_numpy(recipe, out=out, runs_root=runs_root, report=report)
+        return sync_after(recipe, execute_numpy(recipe, out=out, runs_root=runs_root, report=report), runs_root)
     progress = progress or QuietProgress()
     dist = from_env()
     if not dist.is_main:
@@ -122,7 +130,7 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     ready = _prepare(recipe, progress, "stopped before training started; nothing was written", dist)
     dist.barrier()  # every rank checked --out before rank 0 creates it
     run = RunDir.create(recipe, out, runs_root) if dist.is_main else None
-    return _train(run, recipe, ready, progress, report, extra_callbacks=callbacks)
+    return _train(run, recipe, ready, progress, report, extra_callbacks=callbacks, runs_root=runs_root)
 
 
 def resume(run_dir: str | Path, *, force: bool = False, quiet: bool = True, report: bool | None = None,
@@ -210,7 +218,7 @@ def _prepare(recipe: Recipe, progress: PlainProgress, interrupted: str, dist: Di
 
 def _train(run: RunDir | None, recipe: Recipe, ready: _Ready, progress: PlainProgress, report: bool,
            resume_from: TrainState | None = None, resume_notes: list[str] | None = None,
-           extra_callbacks: Sequence[Callback] = ()) -> RunResult:
+           extra_callbacks: Sequence[Callback] = (), runs_root: str | Path = "runs") -> RunResult:
     """Fit (from `resume_from` when given), test, complete the run directory, write the report. With
     many processes every rank trains and tests; rank 0 alone (`run` given) writes anything."""
     data, model, cfg, dist = ready.data, ready.model, ready.train_cfg, ready.dist
@@ -220,15 +228,19 @@ def _train(run: RunDir | None, recipe: Recipe, ready: _Ready, progress: PlainPro
 
         augment = make_augment(recipe.data.augment, data.preprocessing)
     total = sum(s.epochs for s in resolve_stages(cfg))
-    checkpointer = None
+    checkpointer = tracker = None
     if run is not None:
         checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint_every, cfg.checkpoint_keep,
                                     {"recipe_sha256": recipe_sha256(recipe), "data_fingerprint": data.fingerprint(),
                                      "versions": library_versions(), "world": dist.world})
-    with (guarded(run, total, progress) if run is not None else _quiet_rank(progress)), graceful_stop() as stop:
+        # None unless the recipe is tracked (MLflow loads only then); a resumed run continues its MLflow run
+        tracker = resume_tracker(run.path) if resume_from is not None else start_tracking(recipe, run, runs_root)
+    watched = guarded(run, total, progress) if run is not None else _quiet_rank(progress)
+    with tracking_outcome(tracker), watched, graceful_stop() as stop:
         history = fit(model, data, cfg, device=ready.device, precision=ready.precision, generator=ready.generator,
-                      callbacks=[*_callbacks(cfg, run), *extra_callbacks], progress=progress, augment=augment,
-                      checkpointer=checkpointer, resume=resume_from, stop=stop, dist=dist, seed=recipe.seed)
+                      callbacks=[*_callbacks(cfg, run), *extra_callbacks, *tracking_callbacks(tracker)],
+                      progress=progress, augment=augment, checkpointer=checkpointer, resume=resume_from, stop=stop,
+                      dist=dist, seed=recipe.seed)
         history.notes[:0] = ready.notes + (resume_notes or [])
         # tested in fp32 and the default memory layout, as `predict`, `evaluate` and `serve` run the saved
         # bundle, so their answers agree with summary.json to the last bit on the same device
@@ -242,10 +254,13 @@ def _train(run: RunDir | None, recipe: Recipe, ready: _Ready, progress: PlainPro
         test, predictions = measure_test(model, data, recipe.train.eval_batch_size, outputs)
         history.notes += evaluation_notes(predictions, data.classes)
         summary = complete_run(run, recipe, data, model, history, test, ready.device, ready.precision, ready.extra)
-    if report:
-        from dlkit.evaluate.report import report_after_run  # matplotlib loads only when a report is written
+    try:
+        if report:
+            from dlkit.evaluate.report import report_after_run  # matplotlib loads only when a report is written
 
-        report_after_run(run.path, model, data, predictions)
+            report_after_run(run.path, model, data, predictions)
+    finally:
+        finish_tracking(tracker)  # the run is finished whatever its report did: FINISHED, with what exists
     return RunResult(run.path, summary, history.epochs)
 
 

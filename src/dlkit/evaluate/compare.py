@@ -32,6 +32,8 @@ COLUMNS = (("recipe", "recipe", False), ("n", "n", True), ("accuracy", "accuracy
            ("roc_auc", "ROC-AUC", True), ("claimed", "claimed", True), ("status", "vs claim", False),
            ("params", "params", True), ("train_s", "train time (s)", True), ("latency", "latency (ms/ex)", True))
 IGNORED_FIELDS = ("seed",)  # recipe fields that may differ between runs averaged together
+IGNORED_SECTIONS = ("track",)  # where a run was logged says nothing about what ran
+RunRecord = tuple[dict[str, Any], dict[str, Any]]  # one run read elsewhere: (fields_of(its recipe), its summary)
 MAX_LABEL_FIELDS = 2  # differing settings spelled out in a row's label; the note names them all
 RUN_COLUMNS = ("recipe", "seed", "test_accuracy", "test_f1", "test_roc_auc", "claimed", "params", "train_s")
 
@@ -135,12 +137,14 @@ def _open_runs(paths: Sequence[str | Path]) -> list[tuple[RunDir, dict[str, Any]
     return runs
 
 
-def compare_table(paths: Sequence[str | Path]) -> Table:
-    """One row per recipe and settings (all but the seed) over the distinct runs at `paths`."""
-    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-    for run, summary in _open_runs(paths):
-        groups.setdefault(str(summary["recipe"]), []).append((recipe_fields(run), summary))
-    rows, notes = [], []
+def compare_table(paths: Sequence[str | Path], also: Sequence[RunRecord] = (), notes: Sequence[str] = ()) -> Table:
+    """One row per recipe and settings (all but the seed) over the distinct runs at `paths`, and the
+    runs read elsewhere (`also`: an MLflow experiment's) with `notes` about them."""
+    groups: dict[str, list[RunRecord]] = {}
+    records = [(recipe_fields(run), summary) for run, summary in _open_runs(paths)] + list(also)
+    for fields, summary in records:
+        groups.setdefault(str(summary["recipe"]), []).append((fields, summary))
+    rows, notes = [], list(notes)
     for recipe, runs in groups.items():
         variants: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []  # settings -> runs, first seen first
         for fields, summary in runs:
@@ -172,7 +176,14 @@ def recipe_fields(run: RunDir) -> dict[str, Any]:
         raise RunDirError(f"{path} is not valid YAML{where}; re-run the recipe") from None
     if not isinstance(raw, dict):
         raise RunDirError(f"{path} holds no recipe mapping; re-run the recipe")
-    return {k: v for k, v in _flatten(raw).items() if k not in IGNORED_FIELDS}
+    return fields_of(raw)
+
+
+def fields_of(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe mapping as dotted keys, less the fields seeds may differ in and the sections
+    that say nothing about what ran."""
+    return {k: v for k, v in _flatten(recipe).items()
+            if k not in IGNORED_FIELDS and k.split(".")[0] not in IGNORED_SECTIONS}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -357,10 +368,11 @@ def _render_html(table: Table) -> str:
     return "\n".join(lines + ["</table>"])
 
 
-def compare_rows(paths: Sequence[str | Path]) -> list[dict[str, str]]:
-    """One row of formatted cells per run (the per-run table `markdown_table` prints)."""
+def compare_rows(paths: Sequence[str | Path], also: Sequence[RunRecord] = ()) -> list[dict[str, str]]:
+    """One row of formatted cells per run (the per-run table `markdown_table` prints), the runs at
+    `paths` first, then those read elsewhere (`also`)."""
     rows = []
-    for s in load_runs(paths):
+    for s in load_runs(paths) + [summary for _, summary in also]:
         claims = s.get("expect", {}).get("claims", [])
         claimed = ", ".join(f"{c['metric'].removeprefix('test_')} {c['claimed']}" for c in claims) or "-"
         rows.append({
