@@ -220,7 +220,7 @@ def test_an_exception_ends_failed_and_ctrl_c_ends_killed(tools, store, monkeypat
     run = tools.client(state["tracking_uri"]).get_run(state["run_id"])
     assert run.info.status == "KILLED"
     assert run.data.tags["dlkit.error"] == (
-        "stopped after epoch 1 of 1; kept checkpoints/last.safetensors (epoch 1)")
+        "stopped after epoch 1 of 1; kept checkpoints/state-000000063.safetensors")
 
 
 def test_a_resumed_run_directory_continues_the_same_mlflow_run(tools, store, monkeypatch):

@@ -107,7 +107,8 @@ def test_sigterm_ends_the_mlflow_run_killed_with_the_runs_message(tools, mlflow_
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     status = json.loads((out / "status.json").read_text())
-    assert err == f"interrupted: {status['message']}; the run is in {out}\n"
+    assert err.splitlines() == ["SIGTERM: stopping after this step to write a checkpoint (Ctrl-C again stops at once)",
+                                f"interrupted: {status['message']}", f"resume with: dlkit resume {out}"]
     state = tracking(out)
     run = tools.client(mlflow_server).get_run(state["run_id"])
     assert run.info.status == "KILLED"
