@@ -25,6 +25,7 @@ class Case:
     conv: bool = False
     batch: int = 4
     backward: bool = True  # off only for the >100M-parameter VGGs: their 0.5 GB of gradients cost seconds
+    grid: tuple[int, int] | None = None  # the patch grid an image transformer's attention maps cover
 
 
 def imagenet(params: int, **kwargs: Any) -> Case:
@@ -87,6 +88,19 @@ CASES: dict[str, list[Case]] = {
         Case(kwargs={"config": {"vocab_size": 50, "dim": 16, "n_layers": 1, "n_heads": 2, "hidden_dim": 32,
                                 "max_position_embeddings": 32}}, input_shape=(16,), num_classes=1),
     ],
+    # DeiT-Tiny widths (192, 12 blocks, 3 heads, MLP 768). Patch conv 3*16*192+192 = 9,408 (MNIST: 1*49*192+192
+    # = 9,600), class token 192, positions 65*192 = 12,480 (17*192 = 3,264); a block: two norms 768, qkv
+    # 192*576+576 = 111,168, proj 37,056, MLP 148,224 + 147,648: 444,864, x12 = 5,338,368; final norm 384;
+    # head 192*10+10 = 1,930
+    "vit_tiny_patch4": [Case(input_shape=(3, 32, 32), params=5_362_762, grid=(8, 8), batch=2)],
+    "vit_tiny_patch7": [
+        Case(params=5_353_738, grid=(4, 4), batch=2),
+        Case(kwargs={"pool": "mean"}, params=5_353_738 - 192 - 192, grid=(4, 4), batch=2),  # no class token
+    ],
+    # patch conv 16*32+32 = 544, class token 32, positions 17*32 = 544; a block: norms 128, qkv 3,168, proj
+    # 1,056, MLP 4,224 + 4,128: 12,704, x2; final norm 64; head 32*3+3 = 99
+    "vit": [Case(kwargs={"patch": 4, "dim": 32, "depth": 2, "heads": 2}, input_shape=(1, 16, 12), num_classes=3,
+                 params=26_691 - 4 * 32, grid=(4, 3))],
     "mobilenet_v2": [
         imagenet(3_504_872),
         # fc 1280*10+10 instead of 1,281,000; first conv 32*1*9 instead of 32*3*9
@@ -123,7 +137,8 @@ def test_model_contract(name: str, case: Case) -> None:
     torch.manual_seed(0)
     model = build(name, num_classes=case.num_classes, input_shape=case.input_shape, **case.kwargs)
 
-    out = model(dummy_batch(model, case.input_shape, case.batch))
+    x = dummy_batch(model, case.input_shape, case.batch)
+    out = model(x)
     assert out.shape == (case.batch, case.num_classes)
     assert torch.isfinite(out).all()
 
@@ -144,6 +159,16 @@ def test_model_contract(name: str, case: Case) -> None:
     assert isinstance(model.features, nn.Module) and isinstance(model.head, nn.Module)
     assert model.blocks and model.blocks[-1] is model.head
     assert sum(p.numel() for b in model.blocks for p in b.parameters()) == sum(p.numel() for p in model.parameters())
+    assert model.attention_grid == case.grid
+    if case.grid is not None:  # the maps are the attention the forward pass used, over the class token and grid
+        model.eval()  # no stochastic depth: both passes compute the same thing
+        logits, maps = model.attention_maps(x)
+        tokens = maps[0].shape[-1]
+        assert torch.allclose(logits, model(x), atol=1e-5)
+        assert tokens - case.grid[0] * case.grid[1] in (0, 1)  # the patch tokens, after a class token if any
+        assert len(maps) == len(model.blocks) - 2  # one per encoder block (the embedding and the head hold none)
+        assert all(m.shape[0] == case.batch and m.shape[2:] == (tokens, tokens) for m in maps)
+        assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps)
     if case.conv:
         assert isinstance(model.cam_layer, nn.Module)
         assert any(isinstance(m, nn.Conv2d) for m in model.cam_layer.modules())
