@@ -59,9 +59,13 @@ FAMILIES: list[tuple[str, dict[str, Any], tuple[int, ...], int]] = [
     ("lstm", {**TOKENS, "layers": 2, "bidirectional": True}, (12,), 1),
     ("distilbert", {"config": TINY_BERT}, (16,), 1),
     ("distilbert", {"config": TINY_BERT}, (16,), 3),
+    ("vit", {"patch": 4, "dim": 32, "depth": 2, "heads": 2}, (3, 32, 32), 10),
+    ("vit", {"patch": 7, "dim": 32, "depth": 1, "heads": 4, "pool": "mean"}, (1, 28, 28), 10),
 ]
 SKIPPED = {"vgg16": "vgg11 and vgg16_bn export the same layers (VGG16 is only deeper)",
-           "resnet56": "resnet20 exports the same blocks (56 is only deeper)"}
+           "resnet56": "resnet20 exports the same blocks (56 is only deeper)",
+           "vit_tiny_patch4": "vit exports the same blocks (ViT-Tiny is only wider and deeper)",
+           "vit_tiny_patch7": "vit exports the same blocks (ViT-Tiny is only wider and deeper)"}
 
 
 def ids(n: int, length: int, seed: int) -> torch.Tensor:
