@@ -13,7 +13,7 @@ from dlkit.evaluate.attention import GRADCAM, ROLLOUT, attention_rollout, explai
 from dlkit.models import build
 
 PATCH = 6  # the pattern's side, as in test_gradcam.py
-TINY = {"patch": 4, "dim": 32, "depth": 2, "heads": 2}
+TINY = {"patch": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 4.0}
 
 
 def patterns() -> Tensor:

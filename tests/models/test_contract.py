@@ -88,19 +88,18 @@ CASES: dict[str, list[Case]] = {
         Case(kwargs={"config": {"vocab_size": 50, "dim": 16, "n_layers": 1, "n_heads": 2, "hidden_dim": 32,
                                 "max_position_embeddings": 32}}, input_shape=(16,), num_classes=1),
     ],
-    # DeiT-Tiny widths (192, 12 blocks, 3 heads, MLP 768). Patch conv 3*16*192+192 = 9,408 (MNIST: 1*49*192+192
-    # = 9,600), class token 192, positions 65*192 = 12,480 (17*192 = 3,264); a block: two norms 768, qkv
-    # 192*576+576 = 111,168, proj 37,056, MLP 148,224 + 147,648: 444,864, x12 = 5,338,368; final norm 384;
-    # head 192*10+10 = 1,930
-    "vit_tiny_patch4": [Case(input_shape=(3, 32, 32), params=5_362_762, grid=(8, 8), batch=2)],
+    # the tiny shape: 128 wide, 6 blocks of 4 heads, MLP 256. Patch conv 3*16*128+128 = 6,272 (MNIST: 1*49*128+128
+    # = 6,400), class token 128, positions 65*128 = 8,320 (17*128 = 2,176); a block: two norms 512, qkv
+    # 128*384+384 = 49,536, proj 16,512, MLP 33,024 + 32,896: 132,480, x6 = 794,880; final norm 256; head 1,290
+    "vit_tiny_patch4": [Case(input_shape=(3, 32, 32), params=811_146, grid=(8, 8))],
     "vit_tiny_patch7": [
-        Case(params=5_353_738, grid=(4, 4), batch=2),
-        Case(kwargs={"pool": "mean"}, params=5_353_738 - 192 - 192, grid=(4, 4), batch=2),  # no class token
+        Case(params=805_130, grid=(4, 4)),
+        Case(kwargs={"pool": "mean"}, params=805_130 - 128 - 128, grid=(4, 4)),  # no class token, 16 positions
     ],
-    # patch conv 16*32+32 = 544, class token 32, positions 17*32 = 544; a block: norms 128, qkv 3,168, proj
-    # 1,056, MLP 4,224 + 4,128: 12,704, x2; final norm 64; head 32*3+3 = 99
-    "vit": [Case(kwargs={"patch": 4, "dim": 32, "depth": 2, "heads": 2}, input_shape=(1, 16, 12), num_classes=3,
-                 params=26_691 - 4 * 32, grid=(4, 3))],
+    # 16x12 in 4x4 patches: a 4x3 grid. Patch conv 16*32+32 = 544, class token 32, positions 13*32 = 416; a
+    # block: norms 128, qkv 3,168, proj 1,056, MLP 4,224 + 4,128: 12,704, x2; final norm 64; head 32*3+3 = 99
+    "vit": [Case(kwargs={"patch": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 4}, input_shape=(1, 16, 12),
+                 num_classes=3, params=26_563, grid=(4, 3))],
     "mobilenet_v2": [
         imagenet(3_504_872),
         # fc 1280*10+10 instead of 1,281,000; first conv 32*1*9 instead of 32*3*9

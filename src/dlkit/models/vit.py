@@ -3,12 +3,16 @@
 A stride-p conv cuts the image into p x p patches and embeds each one; a learned class token (or
 none, with `pool: mean`) and learned position embeddings are added; pre-norm encoder blocks
 (multi-head self-attention, then a GELU MLP, each inside a residual) follow; a final LayerNorm, the
-class token (or the mean of the patch tokens) and one Linear give the logits. Widths are DeiT-Tiny's
-(Touvron et al. 2021: dim 192, 12 blocks, 3 heads, MLP 768), so "tiny" means what it means in timm;
-only the patch size is chosen for small images:
+class token (or the mean of the patch tokens) and one Linear give the logits.
 
-- `vit_tiny_patch4`: CIFAR-10 32x32x3, 8x8 = 64 patches + the class token: 5,362,762 params at 10 classes.
-- `vit_tiny_patch7`: MNIST 28x28x1, 4x4 = 16 patches + the class token: 5,353,738 params at 10 classes.
+"Tiny" here is sized for small images and a CPU: 128 wide, 6 blocks of 4 heads, MLP ratio 2 (the
+shape ViT-Lite gives small data sets, Hassani et al. 2021, at half its width and 6 of its 7 blocks),
+811k parameters. timm's ViT-Tiny (DeiT-Tiny: 192 wide, 12 blocks, MLP ratio 4, 5.35M) trains at
+34 images/s on this project's 2-core CPU against 182 for ours, which leaves a 10-minute run on 3,500
+MNIST digits 5 epochs instead of 25 (`vit` with dim 192, depth 12, heads 3, mlp_ratio 4 builds it).
+
+- `vit_tiny_patch4`: CIFAR-10 32x32x3, 8x8 = 64 patches + the class token: 811,146 params at 10 classes.
+- `vit_tiny_patch7`: MNIST 28x28x1, 4x4 = 16 patches + the class token: 805,130 params at 10 classes.
 - `vit`: any size (`patch`, `dim`, `depth`, `heads`, `mlp_ratio`), for recipes and tests.
 
 Grad-CAM does not fit a transformer (no spatial conv map at the top); the model declares its patch
@@ -26,6 +30,8 @@ from torch import Tensor, nn
 from dlkit.errors import ConfigError
 from dlkit.models import register_model
 from dlkit.models.surface import ModelSurface
+
+TINY = (128, 6, 4, 2.0)  # width, blocks, heads, MLP ratio
 
 
 class Attention(nn.Module):
@@ -204,22 +210,22 @@ def _check(input_shape: Sequence[int], patch: int, dim: int, heads: int, pool: s
 
 
 @register_model("vit")
-def vit(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), patch: int = 4, dim: int = 192,
-        depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, pool: str = "token", dropout: float = 0.0,
+def vit(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), patch: int = 4, dim: int = 128,
+        depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0, pool: str = "token", dropout: float = 0.0,
         drop_path: float = 0.0) -> VisionTransformer:
-    """A ViT of any size; DeiT-Tiny's widths with 4x4 patches unless told otherwise."""
+    """A ViT of any size; the tiny shape with 4x4 patches unless told otherwise."""
     return VisionTransformer(num_classes, input_shape, patch, dim, depth, heads, mlp_ratio, pool, dropout, drop_path)
 
 
 @register_model("vit_tiny_patch4")
 def vit_tiny_patch4(num_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32), pool: str = "token",
                     dropout: float = 0.0, drop_path: float = 0.1) -> VisionTransformer:
-    """ViT-Tiny (192 wide, 12 blocks, 3 heads) on 4x4 patches, for CIFAR-10; 5,362,762 params at 10 classes."""
-    return VisionTransformer(num_classes, input_shape, 4, 192, 12, 3, 4.0, pool, dropout, drop_path)
+    """The tiny ViT (128 wide, 6 blocks, 4 heads) on 4x4 patches, for CIFAR-10; 811,146 params at 10 classes."""
+    return VisionTransformer(num_classes, input_shape, 4, *TINY, pool, dropout, drop_path)
 
 
 @register_model("vit_tiny_patch7")
 def vit_tiny_patch7(num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28), pool: str = "token",
                     dropout: float = 0.0, drop_path: float = 0.1) -> VisionTransformer:
-    """ViT-Tiny (192 wide, 12 blocks, 3 heads) on 7x7 patches, for MNIST; 5,353,738 params at 10 classes."""
-    return VisionTransformer(num_classes, input_shape, 7, 192, 12, 3, 4.0, pool, dropout, drop_path)
+    """The tiny ViT (128 wide, 6 blocks, 4 heads) on 7x7 patches, for MNIST; 805,130 params at 10 classes."""
+    return VisionTransformer(num_classes, input_shape, 7, *TINY, pool, dropout, drop_path)
