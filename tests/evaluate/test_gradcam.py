@@ -188,7 +188,7 @@ NO_CAM_CASES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "mlp": ((1, 28, 28), {}),
     "lstm": ((30,), {}),
 }
-TOKEN_MODELS = {"distilbert"}  # no cam layer either; building one means importing transformers
+TOKEN_MODELS = {"distilbert", "hf_text"}  # no cam layer either; building one means importing transformers
 ATTENTION_MODELS = {"vit", "vit_tiny_patch4", "vit_tiny_patch7"}  # no cam layer: rollout explains them (test_attention.py)
 
 

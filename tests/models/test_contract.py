@@ -100,6 +100,16 @@ CASES: dict[str, list[Case]] = {
     # block: norms 128, qkv 3,168, proj 1,056, MLP 4,224 + 4,128: 12,704, x2; final norm 64; head 32*3+3 = 99
     "vit": [Case(kwargs={"patch": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 4}, input_shape=(1, 16, 12),
                  num_classes=3, params=26_563, grid=(4, 3))],
+    # bert-base-uncased (BertModel, pooler included: the published 109,482,240) + classifier 768*2+2 = 1,538
+    "hf_text": [
+        Case(input_shape=(16,), num_classes=2, params=109_483_778, backward=False),
+        Case(kwargs={"config": {"model_type": "roberta", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 34,
+                                "pad_token_id": 1, "type_vocab_size": 1}}, input_shape=(16,), num_classes=3),
+        Case(kwargs={"config": {"model_type": "albert", "vocab_size": 50, "embedding_size": 8, "hidden_size": 16,
+                                "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
+                                "max_position_embeddings": 32}}, input_shape=(16,), num_classes=1),
+    ],
     "mobilenet_v2": [
         imagenet(3_504_872),
         # fc 1280*10+10 instead of 1,281,000; first conv 32*1*9 instead of 32*3*9

@@ -59,6 +59,11 @@ FAMILIES: list[tuple[str, dict[str, Any], tuple[int, ...], int]] = [
     ("lstm", {**TOKENS, "layers": 2, "bidirectional": True}, (12,), 1),
     ("distilbert", {"config": TINY_BERT}, (16,), 1),
     ("distilbert", {"config": TINY_BERT}, (16,), 3),
+    ("hf_text", {"config": {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}}, (16,), 1),
+    ("hf_text", {"config": {"model_type": "roberta", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 34,
+                            "type_vocab_size": 1}}, (16,), 3),
     ("vit", {"patch": 4, "dim": 32, "depth": 2, "heads": 2}, (3, 32, 32), 10),
     ("vit", {"patch": 7, "dim": 32, "depth": 1, "heads": 4, "pool": "mean"}, (1, 28, 28), 10),
 ]

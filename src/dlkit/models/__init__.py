@@ -142,4 +142,4 @@ def build_from_bundle(bundle: dict[str, Any], origin: str = "bundle.json") -> nn
                           f"({' '.join(str(exc).split())}); it was edited or is corrupt, re-run the recipe") from None
 
 
-from dlkit.models import alexnet, cnn, distilbert, lenet, lstm, mlp, mobilenetv2, resnet, vgg, vit  # noqa: E402,F401  (registers the families)
+from dlkit.models import alexnet, cnn, distilbert, hf_text, lenet, lstm, mlp, mobilenetv2, resnet, vgg, vit  # noqa: E402,F401  (registers the families)
