@@ -189,7 +189,8 @@ NO_CAM_CASES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "lstm": ((30,), {}),
 }
 TOKEN_MODELS = {"distilbert", "hf_text"}  # no cam layer either; building one means importing transformers
-ATTENTION_MODELS = {"vit", "vit_tiny_patch4", "vit_tiny_patch7"}  # no cam layer: rollout explains them (test_attention.py)
+# no cam layer: attention rollout explains them (test_attention.py)
+ATTENTION_MODELS = {"vit", "vit_tiny_patch4", "vit_tiny_patch7", "hf_vit"}
 
 
 def test_every_registered_model_is_covered():

@@ -110,6 +110,16 @@ CASES: dict[str, list[Case]] = {
                                 "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
                                 "max_position_embeddings": 32}}, input_shape=(16,), num_classes=1),
     ],
+    # ViT-B/16 (google/vit-base-patch16-224's published 86,567,656 with its 1000-class head, no pooler), fed
+    # 32x32 images through its interpolated positions (a 2x2 grid): the count is the 224 model's
+    "hf_vit": [
+        Case(input_shape=(3, 32, 32), num_classes=1000, params=86_567_656, grid=(2, 2), batch=2, backward=False),
+        # 32x32 in 8x8 patches: class token 32, positions 17*32 = 544, patch conv 3*64*32+32 = 6,176; a layer:
+        # norms 128, q/k/v 3,168, output 1,056, MLP 2,112 + 2,080 = 8,544, x2; final norm 64; head 32*3+3 = 99
+        Case(kwargs={"config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "intermediate_size": 64}},
+             input_shape=(3, 32, 32), num_classes=3, params=24_003, grid=(4, 4)),
+    ],
     "mobilenet_v2": [
         imagenet(3_504_872),
         # fc 1280*10+10 instead of 1,281,000; first conv 32*1*9 instead of 32*3*9

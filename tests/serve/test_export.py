@@ -65,6 +65,8 @@ FAMILIES: list[tuple[str, dict[str, Any], tuple[int, ...], int]] = [
                             "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 34,
                             "type_vocab_size": 1}}, (16,), 3),
     ("vit", {"patch": 4, "dim": 32, "depth": 2, "heads": 2}, (3, 32, 32), 10),
+    ("hf_vit", {"config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "intermediate_size": 64}}, (3, 32, 32), 3),
     ("vit", {"patch": 7, "dim": 32, "depth": 1, "heads": 4, "pool": "mean"}, (1, 28, 28), 10),
 ]
 SKIPPED = {"vgg16": "vgg11 and vgg16_bn export the same layers (VGG16 is only deeper)",

@@ -17,6 +17,7 @@ Two classes are one logit in dlkit (a sigmoid); a checkpoint's two-logit head is
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -163,23 +164,37 @@ def fold_two_logits(model: nn.Module) -> None:
     model.config.num_labels = 1
 
 
-def load_hub_model(source: str, num_classes: int, name: str, model_type: str | None = None) -> TextTransformer:
-    """A sequence classifier from a hub id or folder, its head fitted to `num_classes` outputs; `name`
-    opens the report line, `model_type` (when given) is the one architecture accepted."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+@dataclass
+class Loaded:
+    """A Hugging Face classifier loaded from a hub id or folder, and what loading it did."""
+
+    model: nn.Module
+    report: str  # one line: tensors loaded, those trained from scratch, a folded head
+    label_names: list[str] | None  # the checkpoint's own trained class names, when its head was kept
+    new_head: bool  # the classifier was built fresh for this task
+
+
+def load_classifier(source: str, num_classes: int, name: str, auto_class: str,
+                    model_type: str | None = None, other: str = "") -> Loaded:
+    """A classifier (`auto_class`, e.g. AutoModelForSequenceClassification) from a hub id or folder, its
+    head fitted to `num_classes` outputs; `name` opens the report line, `model_type` (when given) is the
+    one architecture accepted, and `other` the model a refused checkpoint would suit."""
+    import transformers
 
     from dlkit.hub import hf_load
 
-    config = hf_load(lambda s, local, rev: AutoConfig.from_pretrained(
+    auto = getattr(transformers, auto_class)
+    config = hf_load(lambda s, local, rev: transformers.AutoConfig.from_pretrained(
         s, revision=rev, trust_remote_code=False, local_files_only=local), source, "model.weights")
     if model_type is not None and config.model_type != model_type:
         raise ConfigError(f"model.weights {source} is a '{config.model_type}' model; model '{name}' needs a "
-                          f"'{model_type}' checkpoint (model 'hf_text' takes any)")
-    has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+                          f"'{model_type}' checkpoint" + (f" (model '{other}' takes any)" if other else ""))
+    head_class = auto_class.removeprefix("AutoModel")  # ForSequenceClassification, ForImageClassification
+    has_head = any(a.endswith(head_class) for a in config.architectures or [])
     fold = has_head and config.num_labels == 2 and num_classes == 1
     keep = has_head and (fold or config.num_labels == num_classes)
     kwargs: dict[str, Any] = {} if keep else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
-    model, info = hf_load(lambda s, local, rev: AutoModelForSequenceClassification.from_pretrained(
+    model, info = hf_load(lambda s, local, rev: auto.from_pretrained(
         s, revision=rev, use_safetensors=True, trust_remote_code=False, dtype=torch.float32,
         output_loading_info=True, local_files_only=local, **kwargs), source, "model.weights")
     if fold:
@@ -193,7 +208,15 @@ def load_hub_model(source: str, num_classes: int, name: str, model_type: str | N
     names = [config.id2label[i] for i in range(config.num_labels)] if keep else None
     if names and all(n.startswith("LABEL_") for n in names):
         names = None
-    return TextTransformer(model.eval(), int(config.pad_token_id or 0), line, names)
+    return Loaded(model.eval(), line, names, not keep)
+
+
+def load_hub_model(source: str, num_classes: int, name: str, model_type: str | None = None) -> TextTransformer:
+    """A sequence classifier from a hub id or folder, its head fitted to `num_classes` outputs."""
+    loaded = load_classifier(source, num_classes, name, "AutoModelForSequenceClassification", model_type,
+                             "hf_text" if model_type else "")
+    return TextTransformer(loaded.model, int(loaded.model.config.pad_token_id or 0), loaded.report,
+                           loaded.label_names)
 
 
 def finish(model: TextTransformer, input_shape: tuple[int, ...], dropout: float | None) -> TextTransformer:
