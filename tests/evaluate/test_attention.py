@@ -1,5 +1,5 @@
-"""Attention rollout: a trained ViT's maps find the pattern that decides the class (the known-answer
-images of the Grad-CAM tests), the maths spelt out, the model left untouched, and `heat_maps`
+"""Attention rollout: a trained ViT's maps find the pattern that decides the class (patterns placed
+anywhere in noise, as in the Grad-CAM tests), the maths spelt out, the model left untouched, and `heat_maps`
 choosing rollout for transformers and Grad-CAM for conv models."""
 from __future__ import annotations
 

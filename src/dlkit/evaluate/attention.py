@@ -10,9 +10,9 @@ map on the patch grid, upsampled to the input and scaled to [0, 1]. One forward 
 
 Rollout shows what the model attends to, not which class that supports: the map is the same for
 every target class. We measured the class-specific, gradient-weighted variant (Chefer, Gur and Wolf,
-ICCV 2021) on the known-answer images of tests/evaluate/test_attention.py: its peak left the pattern
-as the model trained on (96% of peaks on the pattern after 150 steps, 81% after 600), where plain
-rollout's stayed at 95%; so dlkit draws plain rollout.
+ICCV 2021) on the Grad-CAM tests' striped-patch images (a 2-block ViT; the hottest patch on the
+pattern or not): its hottest patch left the pattern as the model trained on (96% on it after 150
+steps, 81% after 600), where plain rollout's stayed at 95%; so dlkit draws plain rollout.
 
 `heat_maps` chooses for any model: attention rollout where the model declares `attention_grid`,
 Grad-CAM where it has a `cam_layer`.

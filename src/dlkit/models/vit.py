@@ -17,7 +17,7 @@ MNIST digits 5 epochs instead of 25 (`vit` with dim 192, depth 12, heads 3, mlp_
 
 Grad-CAM does not fit a transformer (no spatial conv map at the top); the model declares its patch
 grid (`attention_grid`) and gives its attention probabilities (`attention_maps`), which
-`dlkit.evaluate.attention` turns into a gradient-weighted attention rollout.
+`dlkit.evaluate.attention` turns into an attention rollout.
 """
 from __future__ import annotations
 
