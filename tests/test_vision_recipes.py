@@ -38,7 +38,7 @@ def cifar_archive(tmp_path_factory) -> Path:
 
 
 MNIST_RECIPES = ["mnist-cnn", "fashion-mnist-cnn", "mnist-lenet", "mnist-mlp", "mnist-cnn3"]
-CIFAR_RECIPES = ["cifar10-cnn", "cifar10-alexnet", "cifar10-zfnet", "cifar10-resnet"]
+CIFAR_RECIPES = ["cifar10-cnn", "cifar10-alexnet", "cifar10-zfnet", "cifar10-resnet", "cifar10-vit"]
 
 
 @pytest.mark.parametrize("recipe", MNIST_RECIPES)

@@ -313,8 +313,9 @@ def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], data: MovedD
 def explain(run_dir: Annotated[Path, typer.Argument(metavar="RUN")],
             image: Annotated[str, typer.Argument(metavar="IMAGE", help="An image file.")],
             out: Annotated[Path | None, typer.Option(
-                "-o", "--out", metavar="PNG", help="PNG to write (default: IMAGE.gradcam.png)")] = None) -> None:
-    """Grad-CAM: the heat map of where a conv model looked, over the image; prints the predicted class."""
+                "-o", "--out", metavar="PNG",
+                help="PNG to write (default: IMAGE.gradcam.png; IMAGE.attention.png for a ViT)")] = None) -> None:
+    """Grad-CAM (attention rollout for a ViT): where the model looked, over the image; prints the class."""
     from dlkit.explain import explain_image
 
     typer.echo(json.dumps(explain_image(run_dir, image, out)))

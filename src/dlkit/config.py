@@ -190,6 +190,9 @@ class TrainCfg(Strict):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     loss: Literal["auto", "cross_entropy", "bce", "mse"] = "auto"
+    # cross-entropy against (1 - s) on the true class and s / classes on each (Szegedy et al. 2016), in training
+    # only: validation and test losses stay the plain cross-entropy, comparable across recipes
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     optimizer: OptimizerCfg = OptimizerCfg()
     schedule: ScheduleCfg = ScheduleCfg()
     stages: list[StageCfg] = []

@@ -1,4 +1,5 @@
-"""`dlkit explain`: where a finished run's conv model looked (Grad-CAM) for an image a user gives."""
+"""`dlkit explain`: where a finished run's image model looked for an image a user gives (Grad-CAM for a conv
+model, attention rollout for a Vision Transformer)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ from dlkit.data.inputs import read_image
 from dlkit.data.mnist_layout import FRAME, Placement
 from dlkit.data.preprocess import ImagePrep, prep_from_dict
 from dlkit.errors import InputError
-from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, save_overlay
+from dlkit.evaluate.attention import heat_maps
+from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, save_overlay
 from dlkit.files import check_output_file
 from dlkit.predict import Predictor
 
@@ -48,18 +50,21 @@ def heat_on_image(heat: Tensor, placement: Placement | None, size: tuple[int, in
 
 
 def explain_image(run_dir: str | Path, source: str, out: str | Path | None = None) -> dict[str, Any]:
-    """Grad-CAM of the predicted class over the user's image (at its own size, see `display_size`) with
-    a colour scale, saved as a PNG (default: beside the image, `<name>.gradcam.png`); returns the label,
-    its confidence, where the picture went and the size of the image in it."""
-    path = Path(out) if out is not None else Path(source).with_name(f"{Path(source).stem}.gradcam.png")
-    check_output_file(path, "-o")
+    """The heat map of the predicted class over the user's image (at its own size, see `display_size`) with
+    a colour scale, saved as a PNG (default: beside the image, `<name>.gradcam.png`, or `<name>.attention.png`
+    for a ViT); returns the label, its confidence, the method, where the picture went and the image's size."""
+    if out is not None:
+        check_output_file(out, "-o")  # before any work
     predictor = Predictor.from_run(run_dir)
+    kind = "gradcam" if predictor.model.attention_grid is None else "attention"
+    path = Path(out) if out is not None else Path(source).with_name(f"{Path(source).stem}.{kind}.png")
+    check_output_file(path, "-o")
     spec = prep_from_dict(predictor.bundle["preprocessing"])
     if not isinstance(spec, ImagePrep):
         raise InputError(f"dlkit explain draws Grad-CAM over images; the model of {run_dir} reads "
                          f"{predictor.bundle['input_kind']} (its report shows what it attends to)")
     raw = spec.decode(source)  # as predict reads it
-    cam = gradcam(predictor.model, spec.normalise(spec.layout(raw)))
+    method, cam = heat_maps(predictor.model, spec.normalise(spec.layout(raw)))
     best = int(cam.predicted[0])
     label, confidence = predictor.classes[best], float(cam.probabilities[0, best])
     # the user's own picture, in colour: a large JPEG decodes reduced, never below the display's size
@@ -72,8 +77,8 @@ def explain_image(run_dir: str | Path, source: str, out: str | Path | None = Non
     shows = evidence(cam.heatmaps[0])
     title = f"{label} ({confidence:.1%})" + ("" if shows else f", {NO_EVIDENCE}")
     save_overlay(path, picture[0], heat[0, 0], title=title, colorbar=True)
-    result = {"input": source, "label": label, "confidence": round(confidence, 6), "heatmap": str(path),
-              "size": [width, height]}
+    result = {"input": source, "label": label, "confidence": round(confidence, 6), "method": method,
+              "heatmap": str(path), "size": [width, height]}
     if not shows:
         result["note"] = (f"the map is empty: no place in the model's last conv layer raised the score of {label} "
                           "(the class rests on what is absent there)")

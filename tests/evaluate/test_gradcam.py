@@ -188,12 +188,14 @@ NO_CAM_CASES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "mlp": ((1, 28, 28), {}),
     "lstm": ((30,), {}),
 }
-TOKEN_MODELS = {"distilbert"}  # no cam layer either; building one means importing transformers
+TOKEN_MODELS = {"distilbert", "hf_text"}  # no cam layer either; building one means importing transformers
 ENSEMBLES = {"ensemble"}  # conv members or not, no one layer: refused below
+# no cam layer: attention rollout explains them (test_attention.py)
+ATTENTION_MODELS = {"vit", "vit_tiny_patch4", "vit_tiny_patch7", "hf_vit"}
 
 
 def test_every_registered_model_is_covered():
-    assert set(MODELS.names()) == set(CONV_CASES) | set(NO_CAM_CASES) | TOKEN_MODELS | ENSEMBLES
+    assert set(MODELS.names()) == set(CONV_CASES) | set(NO_CAM_CASES) | TOKEN_MODELS | ENSEMBLES | ATTENTION_MODELS
 
 
 def test_an_ensemble_of_conv_models_is_refused_in_one_line():

@@ -25,6 +25,7 @@ class Case:
     conv: bool = False
     batch: int = 4
     backward: bool = True  # off only for the >100M-parameter VGGs: their 0.5 GB of gradients cost seconds
+    grid: tuple[int, int] | None = None  # the patch grid an image transformer's attention maps cover
 
 
 def imagenet(params: int, **kwargs: Any) -> Case:
@@ -87,6 +88,38 @@ CASES: dict[str, list[Case]] = {
         Case(kwargs={"config": {"vocab_size": 50, "dim": 16, "n_layers": 1, "n_heads": 2, "hidden_dim": 32,
                                 "max_position_embeddings": 32}}, input_shape=(16,), num_classes=1),
     ],
+    # the tiny shape: 128 wide, 6 blocks of 4 heads, MLP 256. Patch conv 3*16*128+128 = 6,272 (MNIST: 1*49*128+128
+    # = 6,400), class token 128, positions 65*128 = 8,320 (17*128 = 2,176); a block: two norms 512, qkv
+    # 128*384+384 = 49,536, proj 16,512, MLP 33,024 + 32,896: 132,480, x6 = 794,880; final norm 256; head 1,290
+    "vit_tiny_patch4": [Case(input_shape=(3, 32, 32), params=811_146, grid=(8, 8))],
+    "vit_tiny_patch7": [
+        Case(params=805_130, grid=(4, 4)),
+        Case(kwargs={"pool": "mean"}, params=805_130 - 128 - 128, grid=(4, 4)),  # no class token, 16 positions
+    ],
+    # 16x12 in 4x4 patches: a 4x3 grid. Patch conv 16*32+32 = 544, class token 32, positions 13*32 = 416; a
+    # block: norms 128, qkv 3,168, proj 1,056, MLP 4,224 + 4,128: 12,704, x2; final norm 64; head 32*3+3 = 99
+    "vit": [Case(kwargs={"patch": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 4}, input_shape=(1, 16, 12),
+                 num_classes=3, params=26_563, grid=(4, 3))],
+    # bert-base-uncased (BertModel, pooler included: the published 109,482,240) + classifier 768*2+2 = 1,538
+    "hf_text": [
+        Case(input_shape=(16,), num_classes=2, params=109_483_778, backward=False),
+        Case(kwargs={"config": {"model_type": "roberta", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 34,
+                                "pad_token_id": 1, "type_vocab_size": 1}}, input_shape=(16,), num_classes=3),
+        Case(kwargs={"config": {"model_type": "albert", "vocab_size": 50, "embedding_size": 8, "hidden_size": 16,
+                                "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
+                                "max_position_embeddings": 32}}, input_shape=(16,), num_classes=1),
+    ],
+    # ViT-B/16 (google/vit-base-patch16-224's published 86,567,656 with its 1000-class head, no pooler), fed
+    # 32x32 images through its interpolated positions (a 2x2 grid): the count is the 224 model's
+    "hf_vit": [
+        Case(input_shape=(3, 32, 32), num_classes=1000, params=86_567_656, grid=(2, 2), batch=2, backward=False),
+        # 32x32 in 8x8 patches: class token 32, positions 17*32 = 544, patch conv 3*64*32+32 = 6,176; a layer:
+        # norms 128, q/k/v 3,168, output 1,056, MLP 2,112 + 2,080 = 8,544, x2; final norm 64; head 32*3+3 = 99
+        Case(kwargs={"config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "intermediate_size": 64}},
+             input_shape=(3, 32, 32), num_classes=3, params=24_003, grid=(4, 4)),
+    ],
     "mobilenet_v2": [
         imagenet(3_504_872),
         # fc 1280*10+10 instead of 1,281,000; first conv 32*1*9 instead of 32*3*9
@@ -132,7 +165,8 @@ def test_model_contract(name: str, case: Case) -> None:
     torch.manual_seed(0)
     model = build(name, num_classes=case.num_classes, input_shape=case.input_shape, **case.kwargs)
 
-    out = model(dummy_batch(model, case.input_shape, case.batch))
+    x = dummy_batch(model, case.input_shape, case.batch)
+    out = model(x)
     assert out.shape == (case.batch, case.num_classes)
     assert torch.isfinite(out).all()
 
@@ -153,6 +187,16 @@ def test_model_contract(name: str, case: Case) -> None:
     assert isinstance(model.features, nn.Module) and isinstance(model.head, nn.Module)
     assert model.blocks and model.blocks[-1] is model.head
     assert sum(p.numel() for b in model.blocks for p in b.parameters()) == sum(p.numel() for p in model.parameters())
+    assert model.attention_grid == case.grid
+    if case.grid is not None:  # the maps are the attention the forward pass used, over the class token and grid
+        model.eval()  # no stochastic depth: both passes compute the same thing
+        logits, maps = model.attention_maps(x)
+        tokens = maps[0].shape[-1]
+        assert torch.allclose(logits, model(x), atol=1e-5)
+        assert tokens - case.grid[0] * case.grid[1] in (0, 1)  # the patch tokens, after a class token if any
+        assert len(maps) == len(model.blocks) - 2  # one per encoder block (the embedding and the head hold none)
+        assert all(m.shape[0] == case.batch and m.shape[2:] == (tokens, tokens) for m in maps)
+        assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps)
     if case.conv:
         assert isinstance(model.cam_layer, nn.Module)
         assert any(isinstance(m, nn.Conv2d) for m in model.cam_layer.modules())

@@ -65,9 +65,20 @@ FAMILIES: list[tuple[str, dict[str, Any], tuple[int, ...], int]] = [
     ("ensemble", {"members": [{"name": "lstm", "args": TOKENS}, {"name": "lstm", "args": {**TOKENS, "bidirectional": True}}],
                   "method": "vote", "member_weights": [2, 1], "task": "binary"}, (12,), 1),
     ("ensemble", {"members": [{"name": "lstm", "args": {}}, {"name": "mlp", "args": {}}], "task": "regression"}, (30,), 1),
+    ("hf_text", {"config": {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}}, (16,), 1),
+    ("hf_text", {"config": {"model_type": "roberta", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 34,
+                            "type_vocab_size": 1}}, (16,), 3),
+    ("vit", {"patch": 4, "dim": 32, "depth": 2, "heads": 2}, (3, 32, 32), 10),
+    ("hf_vit", {"config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "intermediate_size": 64}}, (3, 32, 32), 3),
+    ("vit", {"patch": 7, "dim": 32, "depth": 1, "heads": 4, "pool": "mean"}, (1, 28, 28), 10),
 ]
 SKIPPED = {"vgg16": "vgg11 and vgg16_bn export the same layers (VGG16 is only deeper)",
-           "resnet56": "resnet20 exports the same blocks (56 is only deeper)"}
+           "resnet56": "resnet20 exports the same blocks (56 is only deeper)",
+           "vit_tiny_patch4": "vit exports the same blocks (ViT-Tiny is only wider and deeper)",
+           "vit_tiny_patch7": "vit exports the same blocks (ViT-Tiny is only wider and deeper)"}
 
 
 def ids(n: int, length: int, seed: int) -> torch.Tensor:

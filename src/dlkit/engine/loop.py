@@ -5,6 +5,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from dlkit.engine.optim import Schedule, build_optimizer
 from dlkit.engine.progress import PlainProgress, QuietProgress
 from dlkit.engine.resume import Checkpointer, StopFlag, TrainState, rng_state, set_rng_state
 from dlkit.engine.runtime import autocast, eval_mode
-from dlkit.errors import TrainingError
+from dlkit.errors import ConfigError, TrainingError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -37,11 +38,14 @@ class History:
     train_seconds: float = 0.0
 
 
-def loss_for(task: Task, name: str = "auto") -> LossFn:
-    """The loss for a task: cross-entropy, BCE on one logit, or MSE."""
+def loss_for(task: Task, name: str = "auto", label_smoothing: float = 0.0) -> LossFn:
+    """The loss for a task: cross-entropy (with `label_smoothing`), BCE on one logit, or MSE."""
     name = {"multiclass": "cross_entropy", "binary": "bce", "regression": "mse"}[task] if name == "auto" else name
     if name == "cross_entropy":
-        return F.cross_entropy
+        return partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
+    if label_smoothing:
+        raise ConfigError(f"train.label_smoothing applies to cross-entropy (multiclass tasks); this loss is {name}: "
+                          "set train.label_smoothing: 0")
     if name == "bce":
         return lambda out, y: F.binary_cross_entropy_with_logits(out.squeeze(-1), y.float())
     return lambda out, y: F.mse_loss(out.squeeze(-1) if y.dim() == 1 else out, y.float())
@@ -321,6 +325,8 @@ class _Run:
 
     def __post_init__(self) -> None:
         self.loss_fn = loss_for(self.data.task, self.cfg.loss)
+        # label smoothing shapes the training loss only; validation and test losses stay the plain one
+        self.train_loss_fn = loss_for(self.data.task, self.cfg.loss, self.cfg.label_smoothing)
         self.history = History()
         self.state = FitState(model=self.model)
         self.steps = math.ceil(len(self.train) / self.cfg.batch_size)
@@ -357,7 +363,7 @@ class _Run:
         if not cached:
             cache = None  # this stage may change the base: a later frozen stage computes its features anew
         optimizer = build_optimizer(param_groups(self.model, stage.optimizer), stage.optimizer, self.device)
-        ctx = StepContext(self.loss_fn, optimizer, Schedule(optimizer, stage.schedule, stage.epochs, self.steps),
+        ctx = StepContext(self.train_loss_fn, optimizer, Schedule(optimizer, stage.schedule, stage.epochs, self.steps),
                           self.data.task, self.device, self.precision, cfg.batch_size, self.generator,
                           self.after_backward, self.augment, self.dist, self.reseed)
         self.ctx, state.stage, state.optimizer = ctx, index, optimizer

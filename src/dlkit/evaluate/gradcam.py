@@ -45,7 +45,7 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
         raise InputError(f"model {type(model).__name__} has no conv layer to explain; Grad-CAM needs a conv model")
     if x.dim() != 4:
         raise InputError(f"Grad-CAM needs a batch of images shaped (N, C, H, W), got shape {tuple(x.shape)}")
-    _check_fp32(model)
+    check_fp32(model)
     device = model_device(model)
     modes = {module: module.training for module in model.modules()}
     activations: list[Tensor] = []
@@ -70,12 +70,12 @@ def evidence(heatmap: Tensor) -> bool:
     return bool(heatmap.amax() > 0)
 
 
-def _check_fp32(model: nn.Module) -> None:
-    """Refuse a model whose floating-point weights are not fp32 (Grad-CAM's sums need the precision)."""
+def check_fp32(model: nn.Module) -> None:
+    """Refuse a model whose floating-point weights are not fp32 (a heat map's sums need the precision)."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}
     if dtypes:
         found = ", ".join(sorted(str(d) for d in dtypes))
-        raise InputError(f"Grad-CAM runs in fp32 but the model holds {found} weights; call model.float() first")
+        raise InputError(f"heat maps run in fp32 but the model holds {found} weights; call model.float() first")
 
 
 def _keep(output: object, activations: list[Tensor]) -> Tensor:
@@ -95,16 +95,7 @@ def _explain(logits: Tensor, activations: list[Tensor], target: Tensor | int | N
     if len(activations) != 1:
         raise InputError(f"the Grad-CAM layer ran {len(activations)} times in one forward pass; "
                          "pick a layer the model calls exactly once")
-    if logits.dim() != 2:
-        raise InputError(f"Grad-CAM needs class logits shaped (N, classes), got shape {tuple(logits.shape)}")
-    binary = logits.shape[1] == 1
-    probs = probabilities(logits.detach(), "binary" if binary else "multiclass")
-    predicted = probs.argmax(1)
-    chosen = _targets(target, predicted, probs.shape[1])
-    if binary:  # one logit: it argues for class 1, its negative for class 0
-        scores = logits[:, 0] * (2 * chosen - 1).to(logits.dtype)
-    else:
-        scores = logits.gather(1, chosen[:, None])[:, 0]
+    probs, predicted, chosen, scores = target_scores(logits, target)
     activation = activations[0]
     # images are independent in eval mode, so the gradient of the sum gives each image its own
     (grad,) = torch.autograd.grad(scores.sum(), activation)
@@ -115,16 +106,32 @@ def _explain(logits: Tensor, activations: list[Tensor], target: Tensor | int | N
     return CamResult(maps.contiguous().cpu(), predicted.cpu(), chosen.cpu(), probs.cpu())
 
 
+def target_scores(logits: Tensor, target: Tensor | int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Probabilities, predicted classes, the class each map explains and its score (the logit that
+    argues for it), from a batch of logits (N, classes); one logit argues for class 1, its negative for 0."""
+    if logits.dim() != 2:
+        raise InputError(f"a heat map needs class logits shaped (N, classes), got shape {tuple(logits.shape)}")
+    binary = logits.shape[1] == 1
+    probs = probabilities(logits.detach(), "binary" if binary else "multiclass")
+    predicted = probs.argmax(1)
+    chosen = _targets(target, predicted, probs.shape[1])
+    if binary:
+        scores = logits[:, 0] * (2 * chosen - 1).to(logits.dtype)
+    else:
+        scores = logits.gather(1, chosen[:, None])[:, 0]
+    return probs, predicted, chosen, scores
+
+
 def _targets(target: Tensor | int | None, predicted: Tensor, num_classes: int) -> Tensor:
     """The class each image's map explains: `target` broadcast to the batch, or the prediction."""
     if target is None:
         return predicted
     chosen = torch.as_tensor(target, device=predicted.device).long().reshape(-1)
     if chosen.numel() not in (1, len(predicted)):
-        raise InputError(f"Grad-CAM needs one target or one per image ({len(predicted)}), got {chosen.numel()}")
+        raise InputError(f"a heat map needs one target or one per image ({len(predicted)}), got {chosen.numel()}")
     bad = chosen[(chosen < 0) | (chosen >= num_classes)]
     if bad.numel():
-        raise InputError(f"Grad-CAM targets must be class indices in 0..{num_classes - 1}, got {bad[0].item()}")
+        raise InputError(f"heat map targets must be class indices in 0..{num_classes - 1}, got {bad[0].item()}")
     return chosen.expand(len(predicted))
 
 

@@ -21,8 +21,9 @@ from dlkit.data.bundle import TensorSplit
 from dlkit.data.text import TextPrep
 from dlkit.errors import RunDirError, RunInterrupted
 from dlkit.evaluate import plots
+from dlkit.evaluate.attention import GRADCAM, explains_images, heat_maps
 from dlkit.evaluate.explain_text import MAX_TOKENS, mask_id, occlusion_importance, token_names
-from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, overlay
+from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, overlay
 from dlkit.evaluate.predictions import TestPredictions, predict_test
 from dlkit.evaluate.report_html import PLOT_CAPTIONS, write_report
 from dlkit.evaluate.retest import load_run
@@ -151,7 +152,8 @@ def _metric_figures(ev: Evaluation, classes: list[str]) -> Iterator[tuple[str, F
 
 
 def _image_figures(model: nn.Module, data: DataBundle, predictions: TestPredictions) -> Iterator[tuple[str, Figure]]:
-    """Sample predictions, the most confident mistakes and (conv models) Grad-CAM overlays."""
+    """Sample predictions, the most confident mistakes and heat-map overlays (Grad-CAM for conv models,
+    attention rollout for Vision Transformers)."""
     true = data.test.y.long().cpu().numpy()
     pred, conf = predictions.predicted, predictions.confidence
 
@@ -164,16 +166,17 @@ def _image_figures(model: nn.Module, data: DataBundle, predictions: TestPredicti
     if len(wrong):
         worst = wrong[np.argsort(-conf[wrong], kind="stable")[: plots.MAX_GRID]]
         yield "confident_mistakes", grid(worst, "Most confident mistakes")
-    if model.cam_layer is not None:
+    if explains_images(model):
         idx = np.arange(min(MAX_CAM_IMAGES, len(true)))
         x = _inputs(data.test, idx)
-        cams = gradcam(model, x)
+        method, cams = heat_maps(model, x)
         images = _display(x)
         overlays = [overlay(img, heat) for img, heat in zip(images, cams.heatmaps)]
         captions = [f"{data.classes[t]} / {data.classes[p]} ({cams.probabilities[i, p]:.0%})"
                     + ("" if evidence(cams.heatmaps[i]) else f", {NO_EVIDENCE}")
                     for i, (t, p) in enumerate(zip(true[idx], cams.predicted.tolist()))]
-        yield "gradcam", plots.figure_gradcam_grid(overlays, captions, "Grad-CAM (true / predicted)")
+        name = "gradcam" if method == GRADCAM else "attention_rollout"
+        yield name, plots.figure_gradcam_grid(overlays, captions, f"{method} (true / predicted)")
 
 
 def _inputs(split: TensorSplit, idx: np.ndarray) -> Tensor:

@@ -35,6 +35,8 @@ PLOT_CAPTIONS = {
     "samples": "The first test examples: true / predicted (confidence); mistakes in red.",
     "confident_mistakes": "The test mistakes the model made with the highest confidence.",
     "gradcam": "Grad-CAM: the image regions behind each predicted class (red: most).",
+    "attention_rollout": "Attention rollout: how much of each image patch reaches the class token through every "
+                         "block's attention (red: most); where the model looks, the same map for every class.",
     "token_importance": "Token importance by occlusion: the drop in the predicted class's probability when a token "
                         "is replaced by the unknown-word id (green: supports the prediction, red: against it).",
 }

@@ -27,9 +27,12 @@ class Family:
 
     `hub_default`: a Hugging Face family. `model.weights` names a hub checkpoint or a folder whose
     config, weights and tokenizer come with it (this checkpoint's tokenizer when no weights are given).
+    `hub_images`: the family reads images, not text: no tokenizer; RGB images in [0, 1] (`scale`),
+    which the model normalises itself with its checkpoint's mean and std.
     """
 
     hub_default: str | None = None
+    hub_images: bool = False
 
 
 FAMILIES: dict[str, Family] = {}
@@ -97,11 +100,16 @@ def model_args(name: str) -> list[str]:
 def with_model_defaults(recipe: Recipe) -> Recipe:
     """The recipe with the defaults its model family brings, as a new Recipe (the argument untouched):
     a Hugging Face family reads text with its checkpoint's tokenizer (`model.weights`, else the
-    family's default checkpoint); other pretrained weights bring ImageNet's preprocessing (mean/std
-    on RGB) unless the recipe sets normalize / channels itself. Applying it twice changes nothing."""
-    data, default = recipe.data, family(recipe.model.name).hub_default
+    family's default checkpoint), or RGB images (normalised by the model); other pretrained weights
+    bring ImageNet's preprocessing (mean/std on RGB) unless the recipe sets normalize / channels
+    itself. Applying it twice changes nothing."""
+    data, fam = recipe.data, family(recipe.model.name)
+    default = fam.hub_default
     update: dict[str, Any] = {}
-    if default is not None:
+    if default is not None and fam.hub_images:
+        if data.channels is None:
+            update["channels"] = 3
+    elif default is not None:
         if data.text.tokenizer is None:
             update["text"] = data.text.model_copy(update={"tokenizer": recipe.model.weights or default})
     elif recipe.model.weights is not None:
@@ -142,4 +150,18 @@ def build_from_bundle(bundle: dict[str, Any], origin: str = "bundle.json") -> nn
                           f"({' '.join(str(exc).split())}); it was edited or is corrupt, re-run the recipe") from None
 
 
-from dlkit.models import alexnet, cnn, distilbert, ensemble, lenet, lstm, mlp, mobilenetv2, resnet, vgg  # noqa: E402,F401  (registers the families)
+from dlkit.models import (  # noqa: E402,F401  (registers the families)
+    alexnet,
+    cnn,
+    distilbert,
+    ensemble,
+    hf_text,
+    hf_vit,
+    lenet,
+    lstm,
+    mlp,
+    mobilenetv2,
+    resnet,
+    vgg,
+    vit,
+)

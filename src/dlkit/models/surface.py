@@ -12,6 +12,9 @@ part its default, so a model family declares what it has instead of being probed
 - `label_names`: a pretrained classifier's own class names, None when its head is new.
 - `load_report`: one line saying what loading pretrained weights did, None when nothing was loaded.
 - `bundle_args()`: builder arguments that rebuild the architecture offline (a hub model's config).
+- `attention_grid`: an image transformer's patch grid (rows, columns), None for other models; a model
+  that declares one gives `attention_maps(x)`: its logits and each block's attention probabilities
+  (N, heads, T, T), the patch tokens last, so that attention rollout can explain it where Grad-CAM cannot.
 
 What a family can do before a model is built (a Hugging Face checkpoint id for `model.weights`,
 an ImageNet layout for `model.head`) is declared where it registers: `models.Family`.
@@ -32,6 +35,7 @@ class DlkitModel(Protocol):
     pad_id: int | None
     label_names: list[str] | None
     load_report: str | None
+    attention_grid: tuple[int, int] | None
 
     @property
     def features(self) -> nn.Module: ...
@@ -47,21 +51,28 @@ class DlkitModel(Protocol):
 
     def bundle_args(self) -> dict[str, Any]: ...
 
+    def attention_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class ModelSurface(nn.Module):
     """Defaults of the optional parts of `DlkitModel`: float inputs, no padding id, no pretrained
-    label names or load report, nothing extra in the bundle."""
+    label names or load report, nothing extra in the bundle, no attention maps."""
 
     input_dtype: torch.dtype = torch.float32
     pad_id: int | None = None
     label_names: list[str] | None = None
     load_report: str | None = None
+    attention_grid: tuple[int, int] | None = None
 
     def bundle_args(self) -> dict[str, Any]:
         """Builder arguments beyond the recipe's that rebuild this architecture (none by default)."""
         return {}
+
+    def attention_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and each block's attention probabilities; only models that declare `attention_grid` have them."""
+        raise NotImplementedError(f"{type(self).__name__} declares no attention_grid: it has no attention maps")
 
 
 class Classifier(ModelSurface):

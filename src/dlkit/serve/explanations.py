@@ -1,5 +1,5 @@
-"""Explanations over HTTP, always in PyTorch (they need gradients or many forward passes): Grad-CAM as
-the PNG `dlkit explain` draws, or each token's importance by occlusion for text models."""
+"""Explanations over HTTP, always in PyTorch (they need gradients or many forward passes): Grad-CAM (attention
+rollout for a ViT) as the PNG `dlkit explain` draws, or each token's importance by occlusion for text models."""
 from __future__ import annotations
 
 import tempfile
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from dlkit.data.inputs import read_image
 from dlkit.data.preprocess import ImagePrep
 from dlkit.data.text import TextPrep
+from dlkit.evaluate.attention import heat_maps
 from dlkit.evaluate.explain_text import mask_id, occlusion_importance, token_names
-from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, gradcam, save_overlay
+from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, save_overlay
 from dlkit.explain import DISPLAY_MAX, display_size, heat_on_image
 from dlkit.predict import Predictor
 from dlkit.serve.inputs import image_suffix, mapped_errors
@@ -27,7 +28,7 @@ def gradcam_png(predictor: Predictor, spec: ImagePrep, label: str, data: bytes) 
         path.write_bytes(data)
         with mapped_errors(path, label):
             raw = spec.decode(str(path))  # as predict reads it
-            cam = gradcam(predictor.model, spec.normalise(spec.layout(raw)))
+            _, cam = heat_maps(predictor.model, spec.normalise(spec.layout(raw)))
             best = int(cam.predicted[0])
             name, confidence = predictor.classes[best], float(cam.probabilities[0, best])
             picture = read_image(str(path), 3, (DISPLAY_MAX, DISPLAY_MAX))
