@@ -110,7 +110,7 @@ def test_a_yaml_path_with_stages_gets_epochs_everywhere(tmp_path):
 def test_unknown_field_suggests_the_close_one_and_lists_the_section():
     message = config_error("digits-cnn", ["train.optimzer.lr=1"])
     assert message.startswith("recipe 'digits-cnn': unknown field 'train.optimzer' (did you mean 'optimizer'?); ")
-    assert "allowed here: epochs, batch_size, eval_batch_size, loss, optimizer, schedule, stages" in message
+    assert "allowed here: epochs, batch_size, eval_batch_size, loss, label_smoothing, optimizer, schedule, stages" in message
 
 
 def test_unknown_nested_field_lists_the_allowed_fields():

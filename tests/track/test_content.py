@@ -26,8 +26,8 @@ def test_the_resolved_recipe_flattens_to_dotted_params_with_json_values():
     assert params["expect.claims.test_accuracy"] == "0.994"
     assert params["train.stages"] == "[]"
     assert not [k for k in params if k.startswith("track")]  # where it is logged is no setting of what ran
-    # every leaf of the recipe: name, description, seed, 26 data, 2 model, 35 train, 3 expect, 3 tune (its search space)
-    assert len(params) == 72
+    # every leaf of the recipe: name, description, seed, 26 data, 2 model, 36 train, 3 expect, 3 tune (its search space)
+    assert len(params) == 73
 
 
 def test_sections_in_lists_go_by_index_as_set_names_them():
