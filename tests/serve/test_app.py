@@ -27,6 +27,7 @@ from dlkit.data.preprocess import prep_from_dict
 from dlkit.predict import Predictor
 from dlkit.serve import create_app
 from dlkit.serve.batching import Batcher, TorchBackend
+from dlkit.serve.inputs import SCRATCH
 from dlkit.serve.limits import ClientError
 
 DIGITS, TABLE, TEXT = "digits-cnn", "breast-cancer-lstm", "tiny-text-lstm"
@@ -391,13 +392,14 @@ def test_a_bug_is_a_logged_500_with_one_message(runs, caplog):
 # ---- explanations, metrics, page ----------------------------------------------------------------------
 
 def test_explain_draws_the_gradcam_png_and_leaves_no_files(client, digit_files):
-    before = {p.name for p in Path(tempfile.gettempdir()).glob("dlkit-serve-*")}
+    scratch = Path(SCRATCH or tempfile.gettempdir())  # where serve makes its private folders
+    before = {p.name for p in scratch.glob("dlkit-serve-*")}
     r = client.post(f"/v1/models/{DIGITS}/explain", files=upload(digit_files[0]))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(r.content))
     assert picture.format == "PNG" and picture.width > 224  # the 56x56 page enlarged to 224, a scale beside it
     assert r.headers["x-label"] in [str(i) for i in range(10)] and 0 < float(r.headers["x-confidence"]) <= 1
-    assert {p.name for p in Path(tempfile.gettempdir()).glob("dlkit-serve-*")} == before
+    assert {p.name for p in scratch.glob("dlkit-serve-*")} == before
     r = client.post(f"/v1/models/{DIGITS}/explain", files=upload(*digit_files[:2]))
     assert (r.status_code, r.json()) == (400, {"error": "explain takes one input, got 2"})
 
