@@ -220,6 +220,7 @@ def main() -> None:
 
     import dlkit
 
+    load = round(os.getloadavg()[0], 2)  # before this benchmark's own work: others' work on the same cores
     root = Path(tempfile.mkdtemp(prefix="serve-speed-"))
     runs = {name: dlkit.run(name, epochs=1, out=root / name, quiet=True, report=False).run_dir
             for name in ("digits-cnn", "breast-cancer-lstm")}
@@ -236,7 +237,8 @@ def main() -> None:
     machine = {"cores": os.cpu_count(), "cpu": cpu(), "torch": torch.__version__,
                "naive_torch_threads": httpx.get(f"http://{HOST}:{naive_port}/threads").json()["torch_threads"],
                "ort_intra_op_threads": own["digits-cnn"][1] or "default (one per core)", "ort_inter_op_threads": 1,
-               "client": "asyncio raw HTTP/1.1, same machine"}
+               "client": "asyncio raw HTTP/1.1, same machine",
+               "load_average_before": load}
     try:
         for concurrency in CONCURRENCY:
             floor = measure(naive_port, "/floor", bodies["digits-cnn"], concurrency)
