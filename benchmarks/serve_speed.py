@@ -167,8 +167,9 @@ def inputs(runs: dict[str, Path]) -> dict[str, bytes]:
             "breast-cancer-lstm": json.dumps({"inputs": [load_breast_cancer().data[0].tolist()]}).encode()}
 
 
-def ort_ms(run: Path, body: bytes) -> tuple[float, int]:
-    """ONNX Runtime's own time for the request's one row (median of 200 calls, ms), and its threads."""
+def ort_ms(run: Path, body: bytes) -> tuple[float, int, bool]:
+    """ONNX Runtime's own time for the request's one row (median of 200 calls, ms), its intra-op threads
+    (0: its default) and whether they spin between runs."""
     import torch
 
     from dlkit.data.preprocess import prep_from_dict
@@ -184,8 +185,9 @@ def ort_ms(run: Path, body: bytes) -> tuple[float, int]:
         started = time.perf_counter()
         backend(x)
         times.append((time.perf_counter() - started) * 1000)
-    threads = backend.sess.get_session_options().intra_op_num_threads
-    return float(np.median(times[20:])), threads
+    options = backend.sess.get_session_options()
+    spin = options.get_session_config_entry("session.intra_op.allow_spinning") != "0"  # unset: ORT spins
+    return float(np.median(times[20:])), options.intra_op_num_threads, spin
 
 
 def goal(model: str, concurrency: int, dlkit: dict, naive: dict, floor: dict, ort: float) -> dict:
@@ -237,6 +239,7 @@ def main() -> None:
     machine = {"cores": os.cpu_count(), "cpu": cpu(), "torch": torch.__version__,
                "naive_torch_threads": httpx.get(f"http://{HOST}:{naive_port}/threads").json()["torch_threads"],
                "ort_intra_op_threads": own["digits-cnn"][1] or "default (one per core)", "ort_inter_op_threads": 1,
+               "ort_threads_spin": own["digits-cnn"][2],
                "client": "asyncio raw HTTP/1.1, same machine",
                "load_average_before": load}
     try:
