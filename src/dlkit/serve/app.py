@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,6 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -187,8 +187,9 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
                   description="Predictions and explanations from finished dlkit runs.")
     _add_error_handlers(app)
 
-    def require_key(request: Request) -> None:
-        check_api_key({k.lower(): v for k, v in request.headers.items()}, api_key)
+    async def require_key(request: Request) -> None:  # async: FastAPI runs a plain def in its thread pool
+        if api_key is not None:
+            check_api_key({k.lower(): v for k, v in request.headers.items()}, api_key)
 
     def ready_model(name: str) -> Served:
         served = models.get(name)
@@ -235,18 +236,20 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
     async def list_models() -> dict[str, Any]:
         return {"models": [s.describe() for s in models.values()]}
 
-    @v1.post("/models/{name}/predict", openapi_extra=_BODY_DOC,
-             summary="Label, confidence and probabilities per input (as `dlkit predict`)")
-    async def predict(name: str, request: Request) -> dict[str, Any]:
+    async def predict_answer(name: str, request: Request) -> Response:
         started = time.perf_counter()
         served = ready_model(name)
         items, uploads = await _read_items(request)
-        prepared = await run_in_threadpool(prepare, served.spec, items, uploads)
-        x = torch.cat([rows for rows, _ in prepared])
-        notes = [note for rows, note in prepared for _ in range(len(rows))]
-        logits = await served.batcher.submit(x)
-        return {"model": name, "predictions": answers(served.bundle, logits, notes),
-                "took_ms": round((time.perf_counter() - started) * 1000, 3)}
+        # prepared in the model's thread when its batch runs: one hand-off per batch, not two per request
+        logits, notes = await served.batcher.submit_later(partial(_prepared, served.spec, items, uploads), len(items))
+        return _json({"model": name, "predictions": answers(served.bundle, logits, notes),
+                      "took_ms": round((time.perf_counter() - started) * 1000, 3)})
+
+    # the route documents predict (OpenAPI); requests are answered by _Predict below, without FastAPI's routing
+    @v1.post("/models/{name}/predict", openapi_extra=_BODY_DOC, response_model=dict[str, Any],
+             summary="Label, confidence and probabilities per input (as `dlkit predict`)")
+    async def predict(name: str, request: Request) -> Response:
+        return await predict_answer(name, request)
 
     @v1.post("/models/{name}/explain", openapi_extra=_BODY_DOC, response_model=None,
              summary="Grad-CAM overlay PNG (image models) or token importance (text models)")
@@ -271,6 +274,7 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
             "X-Evidence": str(info["evidence"]).lower()})
 
     app.include_router(v1)
+    app.add_middleware(_Predict, answer=predict_answer, require_key=require_key)
     app.add_middleware(BodyLimit, limit=body_limit)
     app.add_middleware(_Measured, metrics=metrics, names=set(models))
     if cors:
@@ -305,6 +309,20 @@ def _page() -> tuple[str, str]:
               "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; base-uri 'none'; "
               "frame-ancestors 'none'")
     return text, policy
+
+
+def _prepared(spec: ImagePrep | TablePrep | TextPrep, items: list[Item], uploads: bool) -> tuple[torch.Tensor, list]:
+    """A request's rows for the model, and each row's note (`prepare`'s answer as one batch)."""
+    prepared = prepare(spec, items, uploads)
+    x = prepared[0][0] if len(prepared) == 1 else torch.cat([rows for rows, _ in prepared])
+    return x, [note for rows, note in prepared for _ in range(len(rows))]
+
+
+def _json(content: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer serialised once, as Starlette's JSONResponse writes it (FastAPI would first walk a
+    returned dict through its encoder)."""
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return Response(body, status, headers, media_type="application/json")
 
 
 def _warm_up(backend: Backend, bundle: dict[str, Any], max_batch: int) -> None:
@@ -378,6 +396,35 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def bug(request: Request, exc: Exception) -> JSONResponse:
         log.error("bug answering %s %s", request.method, request.url.path, exc_info=exc)
         return error(500, "internal error (a bug in dlkit serve, logged by the server); please report it")
+
+
+_PREDICT = re.compile(r"/v1/models/([^/]+)/predict")
+
+
+class _Predict:
+    """ASGI middleware: `POST /v1/models/{name}/predict` answered here, as its route would answer it (the
+    API key, then the model; the same errors), without FastAPI's routing, dependency solving and exception
+    middleware, which cost more than the model does for a small one; everything else passes on. It sits
+    inside the body limit and the metrics; an exception other than a client's error is left to the app's
+    error handler (a logged 500), as from a route."""
+
+    def __init__(self, app: Any, answer: Callable[[str, Request], Any], require_key: Callable[[Request], Any]) -> None:
+        self.app, self.answer, self.require_key = app, answer, require_key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        hit = _PREDICT.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if hit is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            await self.require_key(request)
+            response = await self.answer(hit[1], request)
+        except ClientError as exc:
+            response = _json({"error": str(exc)}, exc.status, exc.headers)
+        except InputError as exc:
+            response = _json({"error": str(exc)}, input_status(exc))
+        await response(scope, receive, send)
 
 
 class _Measured:

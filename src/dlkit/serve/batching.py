@@ -3,7 +3,10 @@
 A batch is whatever is waiting when the worker is free, up to `max_batch` rows: under load requests
 pile up while the model runs the previous batch, so batches form without delaying a lone request.
 `max_wait_ms` (0 by default) lets the worker also wait that long for more. The model runs in the
-worker's own thread (the event loop stays free, and calls to one model never overlap). The queue is
+worker's own thread (the event loop stays free, and calls to one model never overlap); a request may
+hand over its inputs unprepared (`submit_later`), to be prepared in that same thread just before the
+batch runs: one hand-off per batch instead of one to a thread pool per request and one more to the
+model. The queue is
 bounded: a full one refuses at once (503 with Retry-After). A request still waiting at its deadline answers 504 and is dropped
 before it reaches the model. Rows are independent in eval mode, so a request's answer does not
 depend on its batch-mates (to float rounding; tested to 1e-6).
@@ -44,9 +47,11 @@ class TorchBackend:
 
 @dataclass
 class _Job:
-    x: Tensor
+    x: Tensor | None  # the rows, prepared; or
+    make: Callable[[], tuple[Tensor, Any]] | None  # what prepares them (and something to hand back beside the logits)
+    rows: int  # rows it holds (for `make`: what it is expected to give), to fill a batch
     deadline: float
-    future: asyncio.Future[Tensor]
+    future: asyncio.Future[Any]
 
 
 class Batcher:
@@ -89,19 +94,35 @@ class Batcher:
     async def submit(self, x: Tensor) -> Tensor:
         """Queue x (rows of one request) and wait for its logits; 503 if the queue is full, 504 past
         the deadline (the job is then dropped unrun if it has not started)."""
+        return await self._submit(x, None, len(x))
+
+    async def submit_later(self, make: Callable[[], tuple[Tensor, T]], rows: int) -> tuple[Tensor, T]:
+        """Queue a request whose rows `make()` prepares, in the model's thread when its batch is run:
+        (its logits, what `make` gave beside its rows). `rows` is how many it is expected to give (a batch
+        is filled by it; a batch that turns out larger runs in chunks of max_batch). What `make` raises
+        is this request's answer alone; 503 and 504 as `submit`."""
+        return await self._submit(None, make, rows)
+
+    async def _submit(self, x: Tensor | None, make: Callable[[], tuple[Tensor, Any]] | None, rows: int) -> Any:
         loop = asyncio.get_running_loop()
-        job = _Job(x, time.monotonic() + self.timeout_s, loop.create_future())
+        job = _Job(x, make, rows, time.monotonic() + self.timeout_s, loop.create_future())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             raise ClientError(503, f"model {self.name} has {self.queue.maxsize} requests waiting; retry shortly",
                               {"Retry-After": str(RETRY_AFTER_S)}) from None
+        # the deadline is one timer on the job's own future (asyncio.wait_for would add a task and a shield
+        # per request): past it the future answers 504, and the worker skips a job whose future is done
+        expire = loop.call_later(self.timeout_s, self._expire, job.future)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
-        except TimeoutError:
-            job.future.cancel()  # the worker skips it
-            raise ClientError(504, f"model {self.name} did not answer within {self.timeout_s:g} s; "
-                                   "the server is overloaded, retry later") from None
+            return await job.future
+        finally:
+            expire.cancel()
+
+    def _expire(self, future: asyncio.Future[Any]) -> None:
+        if not future.done():
+            future.set_exception(ClientError(504, f"model {self.name} did not answer within {self.timeout_s:g} s; "
+                                                  "the server is overloaded, retry later"))
 
     def qsize(self) -> int:
         """Requests waiting for the model (not counting the batch it is running)."""
@@ -112,23 +133,55 @@ class Batcher:
             jobs = await self._gather()
             if not jobs:
                 continue
-            x = torch.cat([j.x for j in jobs])
             try:
-                logits = await self.in_thread(self._run, x)
+                answers = await self.in_thread(self._answer, jobs)
             except Exception as exc:  # a bug in the model call: each request answers it, the worker lives on
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            start = 0
-            for job in jobs:
-                rows = logits[start : start + len(job.x)]
-                start += len(job.x)
+            for job, (ok, value) in zip(jobs, answers):
                 if not job.future.done():
-                    job.future.set_result(rows)
+                    if ok:
+                        job.future.set_result(value)
+                    else:
+                        job.future.set_exception(value)
+
+    def _answer(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+        """In the model's thread: each job's rows (prepared now when it came unprepared; a job whose
+        preparation fails gets its exception), one model call over them all, each job's share of the
+        logits: (True, answer) or (False, exception) per job."""
+        xs: list[Tensor] = []
+        answers: list[tuple[bool, Any]] = []
+        for job in jobs:
+            if job.make is None:
+                xs.append(job.x)
+                answers.append((True, None))
+                continue
+            try:
+                x, extra = job.make()
+            except Exception as exc:  # this request's bad input (or a bug preparing it): its answer alone
+                answers.append((False, exc))
+                continue
+            xs.append(x)
+            answers.append((True, extra))
+        if not xs:
+            return answers
+        logits = self._run(xs[0] if len(xs) == 1 else torch.cat(xs))
+        start, rows = 0, iter(xs)
+        for i, (ok, extra) in enumerate(answers):
+            if ok:
+                n = len(next(rows))
+                mine = logits[start : start + n]
+                start += n
+                answers[i] = (True, mine if jobs[i].make is None else (mine, extra))
+        return answers
 
     def _run(self, x: Tensor) -> Tensor:
         """The backend over x, in chunks of at most max_batch rows (a large request runs alone)."""
+        if len(x) <= self.max_batch:
+            self.observe(len(x))
+            return self.backend(x)
         outs = []
         for start in range(0, len(x), self.max_batch):
             chunk = x[start : start + self.max_batch]
@@ -143,7 +196,7 @@ class Batcher:
         rows = 0
         first, self.carry = self.carry or await self.queue.get(), None
         if self._live(first):
-            jobs, rows = [first], len(first.x)
+            jobs, rows = [first], first.rows
         until = time.monotonic() + self.max_wait
         while rows < self.max_batch:
             try:
@@ -158,11 +211,11 @@ class Batcher:
                     break
             if not self._live(job):
                 continue
-            if jobs and rows + len(job.x) > self.max_batch:
+            if jobs and rows + job.rows > self.max_batch:
                 self.carry = job  # no room: it opens the next batch
                 break
             jobs.append(job)
-            rows += len(job.x)
+            rows += job.rows
         return jobs
 
     @staticmethod

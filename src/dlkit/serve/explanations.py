@@ -2,7 +2,6 @@
 rollout for a ViT) as the PNG `dlkit explain` draws, or each token's importance by occlusion for text models."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,14 @@ from dlkit.evaluate.explain_text import mask_id, occlusion_importance, token_nam
 from dlkit.evaluate.gradcam import NO_EVIDENCE, evidence, save_overlay
 from dlkit.explain import DISPLAY_MAX, display_size, heat_on_image
 from dlkit.predict import Predictor
-from dlkit.serve.inputs import image_suffix, mapped_errors
+from dlkit.serve.inputs import image_suffix, mapped_errors, scratch
 
 
 def gradcam_png(predictor: Predictor, spec: ImagePrep, label: str, data: bytes) -> tuple[bytes, dict[str, Any]]:
     """The Grad-CAM overlay PNG of an uploaded image, drawn as `dlkit explain` draws it (the picture at
     its own size, the colour scale, the class as title), and what it shows. The upload and the PNG
     live in a temporary folder removed before returning."""
-    with tempfile.TemporaryDirectory(prefix="dlkit-serve-") as folder:
+    with scratch() as folder:
         path = (Path(folder) / "in").with_suffix(image_suffix(data, label))
         path.write_bytes(data)
         with mapped_errors(path, label):

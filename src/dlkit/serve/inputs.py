@@ -2,14 +2,16 @@
 bundle's own ImagePrep / TablePrep / TextPrep), and the model's logits as `dlkit predict`'s answers.
 
 An upload goes through dlkit's file readers from a private temporary folder that is removed before
-the answer leaves (the readers take paths; this keeps one code path for files). Client strings are
-never taken as paths: a text is tokenized as given, a table row is parsed here.
+the answer leaves (the readers take paths; this keeps one code path for files), made in memory
+(/dev/shm) where there is one: on a disk, making and removing a folder costs more than reading a
+digit. Client strings are never taken as paths: a text is tokenized as given, a table row is parsed here.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import math
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +37,9 @@ from dlkit.serve.limits import (
     input_status,
 )
 
+# where the private folders are made: memory where Linux offers it to us, else the system's temporary folder
+SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK) else None
+
 Spec = ImagePrep | TablePrep | TextPrep
 Item = tuple[str, Any]  # (how the client names it: a file name or inputs[i], what it sent)
 Prepared = list[tuple[Tensor, str | None]]  # per input: its rows for the model, and a note (digit models)
@@ -52,9 +57,14 @@ def prepare(spec: Spec, items: list[Item], uploads: bool) -> Prepared:
     check_count(len(items), MAX_INPUTS, "inputs")
     if isinstance(spec, TextPrep):
         return [(_text_ids(spec, label, value, uploads), None) for label, value in items]
-    with tempfile.TemporaryDirectory(prefix="dlkit-serve-") as folder:
+    with scratch() as folder:
         return [read_image_bytes(spec, label, image_bytes(label, value, uploads), Path(folder) / f"in{i}")
                 for i, (label, value) in enumerate(items)]
+
+
+def scratch() -> tempfile.TemporaryDirectory[str]:
+    """A private temporary folder (mode 0700) for a request's uploads, removed when the block ends."""
+    return tempfile.TemporaryDirectory(prefix="dlkit-serve-", dir=SCRATCH)
 
 
 def read_image_bytes(spec: ImagePrep, label: str, data: bytes, stem: Path) -> tuple[Tensor, str | None]:
@@ -110,7 +120,7 @@ def text_value(label: str, value: Any, uploads: bool) -> str:
 def _table_rows(spec: TablePrep, label: str, value: Any, uploads: bool) -> tuple[Tensor, None]:
     names = spec.feature_names
     if uploads:  # a CSV (header optional) or a .npy file, read as `dlkit predict` reads them
-        with tempfile.TemporaryDirectory(prefix="dlkit-serve-") as folder:
+        with scratch() as folder:
             path = Path(folder) / ("in.npy" if value.startswith(b"\x93NUMPY") else "in.csv")
             path.write_bytes(value)
             with mapped_errors(path, label):
@@ -147,13 +157,14 @@ def answers(bundle: dict[str, Any], logits: Tensor, notes: list[str | None]) -> 
     if bundle["task"] == "regression":
         return [{"value": float(v)} for v in logits.reshape(len(logits), -1)[:, 0]]
     classes = bundle["classes"]
+    probs = probabilities(logits, bundle["task"])
     out = []
-    for row, note in zip(probabilities(logits, bundle["task"]), notes):
-        best = int(row.argmax())
+    # as Python floats at once (the same values float() gives element by element, without a tensor each)
+    for row, best, note in zip(probs.tolist(), probs.argmax(1).tolist(), notes):
         out.append({
             "label": classes[best],
-            "confidence": round(float(row[best]), 6),
-            "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row)},
+            "confidence": round(row[best], 6),
+            "probabilities": {c: round(p, 6) for c, p in zip(classes, row)},
             **({"note": note} if note else {}),
         })
     return out
