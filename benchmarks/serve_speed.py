@@ -3,8 +3,9 @@ one request at a time), one load generator, one run.
 
 Models: the seed MNIST CNN (digits-cnn, one epoch) asked with a 56x56 PNG digit as base64 JSON, and
 the S0.2-style breast-cancer LSTM (breast-cancer-lstm, one epoch) asked with one table row. Both
-servers are uvicorn processes on loopback ports; the naive one (this file, `--naive`) also has
-`POST /floor`, which reads the body and answers a constant: the HTTP floor under both.
+servers are uvicorn processes on loopback ports, with OMP_WAIT_POLICY=PASSIVE unless set (see `start`);
+the naive one (this file, `--naive`) also has `POST /floor`, which reads the body and answers a
+constant: the HTTP floor under both.
 The load generator is raw asyncio HTTP/1.1 over keep-alive connections (cheaper than an HTTP
 library: on two cores the client shares the CPU with the server). For each concurrency (1, 8, 32),
 closed loop: every connection sends its next request when the last one is answered.
@@ -138,7 +139,10 @@ def start(args: list[str], log: Path) -> tuple[subprocess.Popen, int]:
     import httpx
 
     port = free_port()
-    env = {**os.environ, "DLKIT_REPORT": "0"}
+    # OpenMP threads that sleep when idle (libgomp spins by default): spinning, the naive server's two torch
+    # threads fight the load generator for the two cores, and it answered 15-80 requests/s instead of
+    # 150-1,000 here. Every server gets the same setting, so the comparison is of serving, not of that.
+    env = {**os.environ, "DLKIT_REPORT": "0", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                 env=env)
@@ -240,6 +244,7 @@ def main() -> None:
                "naive_torch_threads": httpx.get(f"http://{HOST}:{naive_port}/threads").json()["torch_threads"],
                "ort_intra_op_threads": own["digits-cnn"][1] or "default (one per core)", "ort_inter_op_threads": 1,
                "ort_threads_spin": own["digits-cnn"][2],
+               "servers_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                "client": "asyncio raw HTTP/1.1, same machine",
                "load_average_before": load}
     try:
