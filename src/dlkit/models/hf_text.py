@@ -28,7 +28,37 @@ from dlkit.models import Family, register_model
 from dlkit.models.surface import ModelSurface
 
 
-class TextTransformer(ModelSurface):
+class HubSurface(ModelSurface):
+    """The surface of a Hugging Face model wrapped by dlkit (`self.model`, its classifier layers in
+    `self._head`, its trunk cut into `self._trunk_blocks`): the trunk is the base model, no conv layer
+    for Grad-CAM, blocks for staged unfreezing."""
+
+    model: nn.Module
+    _head: nn.ModuleList
+    _trunk_blocks: list[nn.Module]
+
+    @property
+    def cam_layer(self) -> None:
+        """No conv layer: Grad-CAM does not apply (token importance or attention rollout explains these)."""
+        return None
+
+    @property
+    def features(self) -> nn.Module:
+        """The transformer trunk (the base model)."""
+        return self.model.base_model
+
+    @property
+    def head(self) -> nn.ModuleList:
+        """The classification layers on top of the trunk."""
+        return self._head
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The embeddings, each encoder layer (the last with what follows it), then the head."""
+        return [*self._trunk_blocks, self.head]
+
+
+class TextTransformer(HubSurface):
     """A sequence classifier: token ids (N, T) padded with `pad_id` in, logits out.
 
     The attention mask is read off the ids; columns that are padding in every row are cut first,
@@ -54,26 +84,6 @@ class TextTransformer(ModelSurface):
         mask = ids != self.pad_id
         used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
         return self.model(input_ids=ids[:, :used], attention_mask=mask[:, :used]).logits
-
-    @property
-    def cam_layer(self) -> None:
-        """No conv layer: Grad-CAM does not apply (token importance explains text models)."""
-        return None
-
-    @property
-    def features(self) -> nn.Module:
-        """The transformer trunk (the base model)."""
-        return self.model.base_model
-
-    @property
-    def head(self) -> nn.ModuleList:
-        """The classification layers on top of the trunk."""
-        return self._head
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        """The embeddings, each encoder layer (the last with what follows it), then the head."""
-        return [*self._trunk_blocks, self.head]
 
     def bundle_args(self) -> dict[str, Any]:
         """Builder arguments that rebuild this architecture with no download: its config."""

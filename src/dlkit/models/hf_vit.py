@@ -23,14 +23,13 @@ from torch import Tensor, nn
 
 from dlkit.errors import ConfigError
 from dlkit.models import Family, register_model
-from dlkit.models.hf_text import classifier_path, encoder_blocks, hf_config, load_classifier
-from dlkit.models.surface import ModelSurface
+from dlkit.models.hf_text import HubSurface, classifier_path, encoder_blocks, hf_config, load_classifier
 from dlkit.models.torchvision_layout import image_channels
 
 GOOGLE_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # what Google's ViT checkpoints were trained with
 
 
-class HubViT(ModelSurface):
+class HubViT(HubSurface):
     """A Hugging Face ViT classifier: RGB images (N, 3, H, W) in [0, 1] in, logits out."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], mean: list[float], std: list[float],
@@ -68,26 +67,6 @@ class HubViT(ModelSurface):
         finally:
             self.model.set_attn_implementation(implementation)
         return out.logits, list(out.attentions)
-
-    @property
-    def cam_layer(self) -> None:
-        """No conv map at the top: Grad-CAM does not apply (attention rollout explains a ViT)."""
-        return None
-
-    @property
-    def features(self) -> nn.Module:
-        """The transformer trunk (the base model: embeddings, encoder, final LayerNorm)."""
-        return self.model.base_model
-
-    @property
-    def head(self) -> nn.ModuleList:
-        """The classifier on the class token."""
-        return self._head
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        """The embeddings, each encoder layer (the last with the final LayerNorm), then the head."""
-        return [*self._trunk_blocks, self.head]
 
     def bundle_args(self) -> dict[str, Any]:
         """Builder arguments that rebuild this model with no download: its config and normalisation."""
