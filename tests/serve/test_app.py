@@ -91,6 +91,29 @@ def test_table_rows_as_lists_objects_and_csv_are_dlkit_predicts(client, runs, tm
     assert as_lists.json()["predictions"] == as_objects.json()["predictions"] == expected
 
 
+def test_concurrent_table_rows_on_onnx_runtime_are_dlkit_predicts(runs, tmp_path):
+    """The ONNX backend's path (quick batches in the event loop, rows normalised and answered once per
+    batch): each of 40 concurrent requests answers what `dlkit predict` answers for its row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sklearn.datasets import load_breast_cancer
+
+    predictor = Predictor.from_run(runs[TABLE])
+    rows = load_breast_cancer().data[:40].tolist()
+    expected = [predictor.predict([",".join(repr(v) for v in row)])[0] for row in rows]
+    with ready_client(create_app({"t": runs[TABLE]})) as c, ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda row: c.post("/v1/models/t/predict", json={"inputs": [row]}), rows))
+        batches = c.get("/metrics").text
+    assert [r.status_code for r in got] == [200] * 40
+    for r, e in zip(got, expected):
+        (g,) = r.json()["predictions"]
+        assert g["label"] == e["label"]
+        assert max(abs(g["probabilities"][k] - p) for k, p in e["probabilities"].items()) <= 2e-6
+    calls = {line.split()[0]: float(line.split()[1]) for line in batches.splitlines() if line.startswith("dlkit_batch")}
+    assert calls['dlkit_batch_size_sum{model="t"}'] == 40  # every row reached the model once
+    assert 1 <= calls['dlkit_batch_size_count{model="t"}'] <= 40
+
+
 def test_text_predictions_are_dlkit_predicts(client, runs):
     expected = Predictor.from_run(runs[TEXT]).predict(["a fantastic phone"])[0]
     r = client.post(f"/v1/models/{TEXT}/predict", json={"inputs": ["a fantastic phone"]})
@@ -233,6 +256,61 @@ def test_the_digit_cnns_answers_do_not_depend_on_their_batch(runs, digit_files):
     assert sizes == [6]
     for g, a in zip(got, alone):
         assert (g.softmax(1) - a.softmax(1)).abs().max() <= 1e-6
+
+
+def test_a_batch_is_prepared_and_finished_once_and_each_request_gets_its_rows():
+    backend = Recorder()
+    prepared: list[int] = []
+
+    def prepare(x):  # a table's normalisation: row by row, once over the whole batch
+        prepared.append(len(x))
+        return x * 2
+
+    def finish(logits):  # logits to one answer per row, once per batch
+        return [f"row {i}: {v:.6f}" for i, v in enumerate(logits[:, 0].tolist())]
+
+    xs = [torch.randn(n, 30) for n in (1, 3, 2)]
+    expected = [backend(2 * torch.cat(xs))[:, 0].tolist()]
+    backend.sizes.clear()
+
+    async def go():
+        batcher = Batcher("m", backend, max_batch=8, max_wait_ms=50, prepare=prepare, finish=finish)
+        batcher.start()
+        out = await asyncio.gather(*(batcher.submit(x) for x in xs))
+        await batcher.stop()
+        return out
+
+    got = asyncio.run(go())
+    assert backend.sizes == [6] and prepared == [6]
+    rows = [f"row {i}: {v:.6f}" for i, v in enumerate(expected[0])]
+    assert got == [rows[:1], rows[1:4], rows[4:]]
+
+
+def test_a_quick_batch_runs_in_the_event_loop_and_a_slow_one_in_the_models_thread():
+    class Timed(Recorder):
+        def __call__(self, x):
+            threads.append(threading.current_thread().name)
+            return super().__call__(x)
+
+    threads: list[str] = []
+    backend = Timed()
+
+    async def go(inline: bool) -> list[str]:
+        threads.clear()
+        backend.delay = 0.0
+        batcher = Batcher("m", backend, max_batch=8, inline=inline)
+        batcher.start()
+        loop_thread = threading.current_thread().name
+        for delay in (0.0, 0.0, 0.05, 0.05, 0.0):
+            backend.delay = delay  # a batch expected quick runs inline even when it turns out slow
+            await batcher.submit(torch.zeros(1, 30))
+        await batcher.stop()
+        return ["loop" if t == loop_thread else t for t in threads]
+
+    # unknown at first (the thread); quick (the loop); 50 ms per row: expected quick, so inline, then the
+    # thread until recent batches are quick again (0.75 of 50 ms is still over the 5 ms switch interval)
+    assert asyncio.run(go(True)) == ["dlkit-m_0", "loop", "loop", "dlkit-m_0", "dlkit-m_0"]
+    assert asyncio.run(go(False)) == ["dlkit-m_0"] * 5  # a backend that others call from the model's thread
 
 
 def test_a_full_queue_answers_503_and_a_late_request_504_and_is_dropped():

@@ -161,7 +161,10 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
                 served.predictor = await asyncio.to_thread(Predictor.from_run, served.run.path)
                 batcher = Batcher(served.name, await asyncio.to_thread(make_backend, served), max_batch=max_batch,
                                   max_wait_ms=max_wait_ms, queue_limit=queue_limit, timeout_s=timeout_s,
-                                  observe=lambda size, name=served.name: metrics.batch(name, size))
+                                  observe=lambda size, name=served.name: metrics.batch(name, size),
+                                  inline=backend == "onnx",  # explanations run the torch model, not the session
+                                  prepare=served.spec.apply if isinstance(served.spec, TablePrep) else None,
+                                  finish=partial(answers, served.bundle))
                 await batcher.in_thread(_warm_up, batcher.backend, served.bundle, max_batch)
             except DlkitError as exc:
                 failures.append(f"model {served.name} failed to load: {exc}")
@@ -240,9 +243,14 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
         started = time.perf_counter()
         served = ready_model(name)
         items, uploads = await _read_items(request)
-        # prepared in the model's thread when its batch runs: one hand-off per batch, not two per request
-        logits, notes = await served.batcher.submit_later(partial(_prepared, served.spec, items, uploads), len(items))
-        return _json({"model": name, "predictions": answers(served.bundle, logits, notes),
+        # prepared when its batch runs, in the model's thread or (a quick batch) the event loop; the batch's
+        # logits are made answers at once (`finish`)
+        predictions, notes = await served.batcher.submit_later(
+            partial(_prepared, served.spec, items, uploads), len(items))
+        for prediction, note in zip(predictions, notes):
+            if note:
+                prediction["note"] = note
+        return _json({"model": name, "predictions": predictions,
                       "took_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     # the route documents predict (OpenAPI); requests are answered by _Predict below, without FastAPI's routing
@@ -312,8 +320,9 @@ def _page() -> tuple[str, str]:
 
 
 def _prepared(spec: ImagePrep | TablePrep | TextPrep, items: list[Item], uploads: bool) -> tuple[torch.Tensor, list]:
-    """A request's rows for the model, and each row's note (`prepare`'s answer as one batch)."""
-    prepared = prepare(spec, items, uploads)
+    """A request's rows for the model, and each row's note (`prepare`'s answer as one batch); table rows
+    not yet normalised (the batcher normalises a batch's rows at once)."""
+    prepared = prepare(spec, items, uploads, normalise=False)
     x = prepared[0][0] if len(prepared) == 1 else torch.cat([rows for rows, _ in prepared])
     return x, [note for rows, note in prepared for _ in range(len(rows))]
 

@@ -45,13 +45,14 @@ Item = tuple[str, Any]  # (how the client names it: a file name or inputs[i], wh
 Prepared = list[tuple[Tensor, str | None]]  # per input: its rows for the model, and a note (digit models)
 
 
-def prepare(spec: Spec, items: list[Item], uploads: bool) -> Prepared:
-    """Each input's rows, prepared for the model; `uploads` says items are file bytes, else JSON values."""
+def prepare(spec: Spec, items: list[Item], uploads: bool, normalise: bool = True) -> Prepared:
+    """Each input's rows, prepared for the model; `uploads` says items are file bytes, else JSON values.
+    `normalise=False` leaves table rows checked but not normalised (a batch of them is, at once)."""
     if not items:
         where = "the multipart field 'files'" if uploads else '{"inputs": [...]}'
         raise ClientError(400, f"no inputs: send one or more in {where}")
     if isinstance(spec, TablePrep):
-        prepared = [_table_rows(spec, label, value, uploads) for label, value in items]
+        prepared = [_table_rows(spec, label, value, uploads, normalise) for label, value in items]
         check_count(sum(len(x) for x, _ in prepared), MAX_ROWS, "table rows")
         return prepared
     check_count(len(items), MAX_INPUTS, "inputs")
@@ -117,7 +118,7 @@ def text_value(label: str, value: Any, uploads: bool) -> str:
     return check_text(value, label)
 
 
-def _table_rows(spec: TablePrep, label: str, value: Any, uploads: bool) -> tuple[Tensor, None]:
+def _table_rows(spec: TablePrep, label: str, value: Any, uploads: bool, normalise: bool) -> tuple[Tensor, None]:
     names = spec.feature_names
     if uploads:  # a CSV (header optional) or a .npy file, read as `dlkit predict` reads them
         with scratch() as folder:
@@ -128,7 +129,7 @@ def _table_rows(spec: TablePrep, label: str, value: Any, uploads: bool) -> tuple
     else:
         rows = torch.from_numpy(np.array([_row_values(label, value, names)], dtype=np.float64).astype(np.float32))
     with mapped_errors(None, label):
-        return spec.apply(rows), None
+        return (spec.apply(rows) if normalise else spec.check(rows)), None
 
 
 def _row_values(label: str, value: Any, names: list[str]) -> list[float]:
@@ -151,9 +152,10 @@ def _row_values(label: str, value: Any, names: list[str]) -> list[float]:
     return [float(v) for v in value]
 
 
-def answers(bundle: dict[str, Any], logits: Tensor, notes: list[str | None]) -> list[dict[str, Any]]:
+def answers(bundle: dict[str, Any], logits: Tensor, notes: list[str | None] | None = None) -> list[dict[str, Any]]:
     """Per row: label, confidence and per-class probabilities (and a note), rounded as
     `Predictor.predict_tensor` rounds them; regression: the value."""
+    notes = notes or [None] * len(logits)
     if bundle["task"] == "regression":
         return [{"value": float(v)} for v in logits.reshape(len(logits), -1)[:, 0]]
     classes = bundle["classes"]
