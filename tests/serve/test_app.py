@@ -589,9 +589,10 @@ def test_serve_mistakes_are_one_error_line(runs, tmp_path, capsys):
 
 def test_a_real_server_starts_answers_and_stops_on_sigterm(runs, serving, tmp_path):
     log = tmp_path / "server.log"
-    with serving([f"t={runs[TABLE]}", "--backend", "torch"], log) as (base, proc):
+    with serving([f"t={runs[TABLE]}", "--backend", "torch", "--access-log"], log) as (base, proc):
         r = httpx.post(f"{base}/v1/models/t/predict", json={"inputs": [[0.0] * 30]}, timeout=5)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("malignant", "benign")
     text = log.read_text()
     assert proc.returncode == 0, text  # uvicorn takes SIGTERM as the order to stop: a graceful shutdown, exit 0
     assert "Traceback" not in text and "Application shutdown complete" in text, text
+    assert '"POST /v1/models/t/predict HTTP/1.1" 200' in text  # --access-log: a line per request

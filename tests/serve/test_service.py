@@ -227,3 +227,4 @@ def test_ten_thousand_requests_at_concurrency_32_all_answered_as_alone(server):
     wrong = [(i, body) for i, _, body in done if json.loads(body)["predictions"] != solo[i % len(rows)]]
     assert wrong == [], wrong[:3]
     assert end < warm * 1.05, (warm, end)
+    assert "POST /v1/models" not in server.log.read_text()  # no access log unless --access-log
