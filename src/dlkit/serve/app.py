@@ -162,7 +162,10 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
                 batcher = Batcher(served.name, await asyncio.to_thread(make_backend, served), max_batch=max_batch,
                                   max_wait_ms=max_wait_ms, queue_limit=queue_limit, timeout_s=timeout_s,
                                   observe=lambda size, name=served.name: metrics.batch(name, size),
-                                  inline=backend == "onnx",  # explanations run the torch model, not the session
+                                  # quick batches in the event loop: not for the torch backend (explanations run
+                                  # its model on the model's thread), nor images (a large one decodes for long,
+                                  # and PIL decodes without the GIL, so the loop runs meanwhile)
+                                  inline=backend == "onnx" and not isinstance(served.spec, ImagePrep),
                                   prepare=served.spec.apply if isinstance(served.spec, TablePrep) else None,
                                   finish=partial(answers, served.bundle))
                 await batcher.in_thread(_warm_up, batcher.backend, served.bundle, max_batch)
