@@ -27,6 +27,24 @@ def _isolated_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """`run_cli(*args)`: `dlkit ARGS` in this process, as (exit code, stdout, stderr) of that call."""
+    from dlkit import cli
+
+    def run(*args: object) -> tuple[int, str, str]:
+        capsys.readouterr()  # what came before this call is not its output
+        try:
+            cli.main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 MNIST_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 

@@ -16,7 +16,6 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import dlkit
-from dlkit import cli
 from dlkit.ensemble import EnsembleError, build_ensemble, members_table, shared_split
 from dlkit.evaluate.compare import compare_rows, compare_table
 from dlkit.evaluate.retest import evaluate_run, load_run
@@ -200,19 +199,8 @@ def test_shared_split_fixes_the_split_seed_once():
     assert shared_split(load_recipe("digits-mlp", SHARED, seed=4)).data.split_seed == 0
 
 
-def run_cli(capsys, *args: object) -> tuple[int, str, str]:
-    """`dlkit ARGS` in this process: (exit code, stdout, stderr)."""
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_ensemble_prints_the_members_beside_the_ensemble_and_its_run_last(capsys, members, tmp_path):
-    code, out, err = run_cli(capsys, "ensemble", *members, "--weights", "1,1,2", "--method", "vote", "--report", "--out",
+def test_cli_ensemble_prints_the_members_beside_the_ensemble_and_its_run_last(run_cli, members, tmp_path):
+    code, out, err = run_cli("ensemble", *members, "--weights", "1,1,2", "--method", "vote", "--report", "--out",
                              tmp_path / "cli")
     assert code == 0, err
     lines = out.strip().splitlines()
@@ -229,13 +217,13 @@ def test_cli_ensemble_prints_the_members_beside_the_ensemble_and_its_run_last(ca
                                                   "got '1,x'"),
     (["run", "digits-mlp", "--ensemble"], "error: --ensemble needs --seeds 2 or more, got --seeds 1"),
 ])
-def test_cli_mistakes_are_one_error_line(capsys, args, message):
-    code, _, err = run_cli(capsys, *args)
+def test_cli_mistakes_are_one_error_line(run_cli, args, message):
+    code, _, err = run_cli(*args)
     assert (code, err) == (2, message + "\n")
 
 
-def test_run_seeds_ensemble_trains_the_seeds_on_one_split_and_ensembles_them(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "run", "digits-mlp", "--epochs", "1", "--seeds", "2", "--ensemble", "--quiet",
+def test_run_seeds_ensemble_trains_the_seeds_on_one_split_and_ensembles_them(run_cli, tmp_path):
+    code, out, err = run_cli("run", "digits-mlp", "--epochs", "1", "--seeds", "2", "--ensemble", "--quiet",
                              "--out", tmp_path / "d")
     assert code == 0, err
     assert out.strip().splitlines()[-1] == str(tmp_path / "d" / "ensemble")

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 import dlkit
-from dlkit import cli
 from dlkit.config import parse_recipe
 from dlkit.engine.checkpoint import load_weights, read_meta
 from dlkit.engine.resume import read_position, state_files
@@ -26,17 +25,6 @@ from dlkit.files import write_atomic, write_json
 from dlkit.models import build
 from dlkit.recipes import load_recipe
 from dlkit.runner import execute
-
-
-def run_cli(capsys, *args: object) -> tuple[int, str, str]:
-    """`dlkit ARGS` in this process: (exit code, stdout, stderr)."""
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(err: str) -> str:
@@ -90,16 +78,16 @@ def test_bundle_records_the_weights_sha256(finished):
     assert bundle["files"] == {"model.safetensors": hashlib.sha256((finished / "model.safetensors").read_bytes()).hexdigest()}
 
 
-def test_one_flipped_bit_in_the_weights_is_refused_before_predicting(run, capsys):
+def test_one_flipped_bit_in_the_weights_is_refused_before_predicting(run, run_cli):
     raw = bytearray((run / "model.safetensors").read_bytes())
     raw[-3] ^= 0x01  # a bit of the last tensor's data: safetensors itself still parses it
     (run / "model.safetensors").write_bytes(bytes(raw))
-    code, out, err = run_cli(capsys, "predict", run, "1,2,3")
+    code, out, err = run_cli("predict", run, "1,2,3")
     assert (code, out) == (2, "")
     assert one_error_line(err) == (f"error: {run / 'model.safetensors'} does not match the sha256 in bundle.json "
                                    "(changed or corrupt); restore it or re-run the recipe")
     for command in ("evaluate", "report"):
-        code, _, err = run_cli(capsys, command, run)
+        code, _, err = run_cli(command, run)
         assert code == 2 and "does not match the sha256 in bundle.json" in one_error_line(err)
 
 
@@ -156,11 +144,11 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
-def test_a_corrupt_or_hand_edited_file_is_one_error_line_naming_it(run, capsys, case):
+def test_a_corrupt_or_hand_edited_file_is_one_error_line_naming_it(run, run_cli, case):
     breaks, command, message = CORRUPTIONS[case]
     breaks(run)
     args = (command, run, "1,2,3") if command == "predict" else (command, run)
-    code, out, err = run_cli(capsys, *args)
+    code, out, err = run_cli(*args)
     assert (code, out) == (2, ""), err
     line = one_error_line(err)
     assert message in line, line
@@ -205,26 +193,26 @@ def test_execute_leaves_the_callers_recipe_as_it_was(tmp_path):
 
 # ---- disks and paths: one line, said before the data are loaded ---------------------------------
 
-def test_out_under_a_file_is_refused_before_loading_data(tmp_path, capsys, monkeypatch):
+def test_out_under_a_file_is_refused_before_loading_data(tmp_path, run_cli, monkeypatch):
     (tmp_path / "file").write_text("x")
     import dlkit.runner as runner
 
     monkeypatch.setattr(runner, "load_data", lambda *a: pytest.fail("data loaded before the check"))
-    code, out, err = run_cli(capsys, "run", "digits-mlp", "--out", tmp_path / "file" / "run")
+    code, out, err = run_cli("run", "digits-mlp", "--out", tmp_path / "file" / "run")
     assert code == 2
     assert one_error_line(err) == (f"error: --out {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, "
                                    "not a folder; choose another path")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_out_in_a_read_only_folder_is_refused(tmp_path, capsys):
+def test_out_in_a_read_only_folder_is_refused(tmp_path, run_cli):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    code, _, err = run_cli(capsys, "run", "digits-mlp", "--out", locked / "run")
+    code, _, err = run_cli("run", "digits-mlp", "--out", locked / "run")
     assert code == 2 and "no permission to write in" in one_error_line(err)
 
 
-def test_a_full_disk_while_saving_is_one_line_and_marks_the_run_failed(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_while_saving_is_one_line_and_marks_the_run_failed(tmp_path, run_cli, monkeypatch):
     import dlkit.engine.checkpoint as checkpoint
 
     def full(state, filename, metadata=None):
@@ -233,31 +221,31 @@ def test_a_full_disk_while_saving_is_one_line_and_marks_the_run_failed(tmp_path,
 
     monkeypatch.setattr(checkpoint, "save_file", full)
     out_dir = tmp_path / "r"
-    code, out, err = run_cli(capsys, "run", "digits-mlp", "--epochs", "1", "--quiet", "--out", out_dir)
+    code, out, err = run_cli("run", "digits-mlp", "--epochs", "1", "--quiet", "--out", out_dir)
     assert code == 2
     line = one_error_line(err)
     assert line.startswith("error: No space left on device: ") and line.endswith(".tmp")
     status = json.loads((out_dir / "status.json").read_text())
     assert status["state"] == "failed" and status["message"].startswith("No space left on device")
     assert not (out_dir / "model.safetensors").exists() and not list(out_dir.rglob("*.tmp"))
-    code, _, err = run_cli(capsys, "predict", out_dir, "1,2")
+    code, _, err = run_cli("predict", out_dir, "1,2")
     assert code == 2 and one_error_line(err).startswith(f"error: {out_dir} is not a finished run (it is failed: No space")
 
 
-def test_explain_output_that_is_a_folder_or_under_a_file(run, tmp_path, capsys):
+def test_explain_output_that_is_a_folder_or_under_a_file(run, tmp_path, run_cli):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("x")
-    code, _, err = run_cli(capsys, "explain", run, "digit.png", "-o", tmp_path / "folder")
+    code, _, err = run_cli("explain", run, "digit.png", "-o", tmp_path / "folder")
     assert code == 2 and one_error_line(err) == (f"error: -o {tmp_path / 'folder'} is a folder; give a file name "
                                                  f"such as {tmp_path / 'folder' / 'out.png'}")
-    code, _, err = run_cli(capsys, "explain", run, "digit.png", "-o", tmp_path / "file" / "x.png")
+    code, _, err = run_cli("explain", run, "digit.png", "-o", tmp_path / "file" / "x.png")
     assert code == 2 and one_error_line(err) == (f"error: -o {tmp_path / 'file' / 'x.png'}: {tmp_path / 'file'} "
                                                  "is a file, not a folder")
 
 
-def test_plots_being_a_file_is_one_line(run, capsys):
+def test_plots_being_a_file_is_one_line(run, run_cli):
     (run / "plots").write_text("not a folder")
-    code, _, err = run_cli(capsys, "report", run)
+    code, _, err = run_cli("report", run)
     assert code == 2
     assert one_error_line(err) == (f"error: {run / 'plots'} is a file, not a folder; move it away: the report "
                                    "writes its plots there")
@@ -282,7 +270,7 @@ def _interrupt(tmp_path: Path, sig: int) -> tuple[subprocess.CompletedProcess, P
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_run_exits_with_its_code_and_keeps_its_checkpoint(tmp_path, capsys, sig, code):
+def test_an_interrupted_run_exits_with_its_code_and_keeps_its_checkpoint(tmp_path, run_cli, sig, code):
     done, out = _interrupt(tmp_path, sig)
     assert done.returncode == code, done.stderr
     status = json.loads((out / "status.json").read_text())
@@ -304,6 +292,6 @@ def test_an_interrupted_run_exits_with_its_code_and_keeps_its_checkpoint(tmp_pat
         range(1, epochs_done + 1))
     # nothing takes it for a finished run
     for args in (("predict", out, "x.png"), ("evaluate", out), ("report", out), ("compare", out)):
-        rc, _, err = run_cli(capsys, *args)
+        rc, _, err = run_cli(*args)
         assert rc == 2 and one_error_line(err).startswith(f"error: {out} is not a finished run (it is interrupted: "
                                                           "stopped ")

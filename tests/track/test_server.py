@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 import dlkit
-from dlkit import cli
 from dlkit.predict import Predictor
 from dlkit.rundir import RunDir
 from dlkit.track import content
@@ -25,17 +24,6 @@ TRACK = {"track.backend": "mlflow"}
 
 def tracking(run_dir: Path) -> dict:
     return json.loads((run_dir / "tracking.json").read_text())
-
-
-def run_cli(capsys, *args: object) -> tuple[int, str, str]:
-    """`dlkit ARGS` in this process: (exit code, stdout, stderr)."""
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def dlkit_process(*args: object, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -120,7 +108,7 @@ def test_sigterm_ends_the_mlflow_run_killed_with_the_runs_message(tools, mlflow_
 
 @pytest.mark.parametrize("mode", ["down", "refuse", "hang"])
 def test_a_server_that_is_down_refuses_or_hangs_costs_one_warning_and_sync_sends_the_run_later(
-        tools, gate, mode, tmp_path, monkeypatch, capsys):
+        tools, gate, mode, tmp_path, monkeypatch, capsys, run_cli):
     gate.set(mode)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", gate.url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")  # the user's own settings win over dlkit's
@@ -138,7 +126,7 @@ def test_a_server_that_is_down_refuses_or_hangs_costs_one_warning_and_sync_sends
     assert state["run_id"] is None and state["sent"]["start"] is False and state["sent"]["files"] == {}
 
     gate.set("open")
-    code, stdout, stderr = run_cli(capsys, "track", "sync", out)
+    code, stdout, stderr = run_cli("track", "sync", out)
     assert (code, stderr) == (0, "")
     state = tracking(out)
     assert json.loads(stdout) == {"tracking_uri": gate.url, "experiment": "digits-mlp", "run_id": state["run_id"],
@@ -148,7 +136,7 @@ def test_a_server_that_is_down_refuses_or_hangs_costs_one_warning_and_sync_sends
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert [s for s, _ in tools.history(gate.url, state["run_id"], "val_accuracy")] == [1, 2]
     assert run.data.metrics["test_accuracy"] == result.summary["test_accuracy"]
-    code, stdout, _ = run_cli(capsys, "track", "sync", out)  # nothing left to send: nothing sent twice
+    code, stdout, _ = run_cli("track", "sync", out)  # nothing left to send: nothing sent twice
     assert code == 0 and json.loads(stdout)["run_id"] == state["run_id"]
     assert [s for s, _ in tools.history(gate.url, state["run_id"], "val_accuracy")] == [1, 2]
 

@@ -12,30 +12,18 @@ import pytest
 from mlflow import MlflowClient
 
 import dlkit
-from dlkit import cli
 from dlkit.errors import ConfigError
 
 
-def run_cli(capsys, *args: object) -> tuple[int, str, str]:
-    """`dlkit ARGS` in this process: (exit code, stdout, stderr)."""
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error(capsys, *args: object) -> str:
-    code, out, err = run_cli(capsys, *args)
+def one_error(run_cli, *args: object) -> str:
+    code, out, err = run_cli(*args)
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), (code, out, err)
     return err.strip()
 
 
-def test_train_tracks_into_runs_mlflow_db_and_registers(tmp_path, capsys, monkeypatch):
+def test_train_tracks_into_runs_mlflow_db_and_registers(tmp_path, run_cli, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    code, out, err = run_cli(capsys, "train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--quiet",
+    code, out, err = run_cli("train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--quiet",
                              "--track", "mlflow", "--register", "digits-mlp-adhoc", "--out", "adhoc")
     assert (code, err) == (0, "") and out.strip().splitlines()[-1] == "adhoc"
     state = json.loads(Path("adhoc/tracking.json").read_text())
@@ -63,34 +51,34 @@ def test_train_tracks_into_runs_mlflow_db_and_registers(tmp_path, capsys, monkey
     (["track", "sync", "nowhere"], "error: nowhere is not a run directory (no status.json); pass the folder `dlkit run` "
                                    "printed"),
 ], ids=["track", "register", "uri", "field", "compare", "ui-server", "sync"])
-def test_a_tracking_mistake_is_one_error_line_before_anything_runs(tmp_path, capsys, args, expected):
-    assert one_error(capsys, *args) == expected
+def test_a_tracking_mistake_is_one_error_line_before_anything_runs(tmp_path, run_cli, args, expected):
+    assert one_error(run_cli, *args) == expected
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ui_refuses_a_store_that_is_not_there_and_a_port_in_use(tmp_path, capsys):
-    assert one_error(capsys, "ui") == (f"error: no MLflow store at {tmp_path / 'runs' / 'mlflow.db'} yet: track a run "
+def test_ui_refuses_a_store_that_is_not_there_and_a_port_in_use(tmp_path, run_cli):
+    assert one_error(run_cli, "ui") == (f"error: no MLflow store at {tmp_path / 'runs' / 'mlflow.db'} yet: track a run "
                                        "first (dlkit run RECIPE --track mlflow), or pass --uri")
     (tmp_path / "m.db").touch()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        assert one_error(capsys, "ui", "--uri", "sqlite:///m.db", "--port", port) == (
+        assert one_error(run_cli, "ui", "--uri", "sqlite:///m.db", "--port", port) == (
             f"error: port {port} on 127.0.0.1 is in use; pass --port N")
 
 
-def test_compare_names_an_experiment_that_is_not_there(tmp_path, capsys):
+def test_compare_names_an_experiment_that_is_not_there(tmp_path, run_cli):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    assert one_error(capsys, "compare", "--experiment", "nope", "--uri", uri) == (
+    assert one_error(run_cli, "compare", "--experiment", "nope", "--uri", uri) == (
         f"error: no MLflow experiment 'nope' at {uri}; `dlkit ui` shows the experiments there (MLFLOW_TRACKING_URI "
         "or --uri chooses the store)")
 
 
-def test_sync_refuses_a_run_that_is_still_running(tmp_path, capsys):
+def test_sync_refuses_a_run_that_is_still_running(tmp_path, run_cli):
     (tmp_path / "live").mkdir()
     (tmp_path / "live" / "status.json").write_text(json.dumps({"state": "running", "message": "training",
                                                                "pid": os.getpid()}))
-    assert one_error(capsys, "track", "sync", "live") == (
+    assert one_error(run_cli, "track", "sync", "live") == (
         f"error: live is still running (process {os.getpid()}); it sends itself, sync it once it ends")
 
 
@@ -107,8 +95,8 @@ MISSING = ("error: tracking needs MLflow, which is not installed: pip install 'd
 
 @pytest.mark.parametrize("args", [["run", "digits-mlp", "--track", "mlflow"], ["ui"], ["track", "sync", "x"],
                                   ["compare", "--experiment", "x"]], ids=" ".join)
-def test_without_mlflow_installed_tracking_is_one_error_line(tmp_path, capsys, no_mlflow, args):
-    assert one_error(capsys, *args) == MISSING
+def test_without_mlflow_installed_tracking_is_one_error_line(tmp_path, run_cli, no_mlflow, args):
+    assert one_error(run_cli, *args) == MISSING
     assert list(tmp_path.iterdir()) == []
 
 
