@@ -288,7 +288,7 @@ class RunDir:
         if status["state"] == "finished":
             raise RunDirError(f"{p} is finished; there is nothing to resume (`dlkit run` starts a new run)")
         pid = status.get("pid")
-        if status["state"] == "running" and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+        if status["state"] == "running" and pid != os.getpid() and process_alive(pid):
             raise RunDirError(f"{p} is still running (process {pid}); stop it first, or wait for it to finish")
         return run
 
@@ -384,8 +384,11 @@ class RunDir:
         return epochs
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists and runs dlkit (a reused pid of another program does not count)."""
+def process_alive(pid: Any) -> bool:
+    """Whether process `pid` (status.json's) exists and runs dlkit (a reused pid of another program does
+    not count); anything but a positive int is no process."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

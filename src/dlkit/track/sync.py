@@ -16,7 +16,7 @@ from typing import Any
 from dlkit.config import TrackCfg
 from dlkit.errors import DlkitError, RunDirError
 from dlkit.files import sha256_file
-from dlkit.rundir import RunDir
+from dlkit.rundir import RunDir, process_alive
 from dlkit.track import content
 from dlkit.track.logged_model import log_bundle_model, register
 from dlkit.track.settings import artifact_location, client_env, sqlite_path, tracking_uri
@@ -242,18 +242,8 @@ def _dir_outcome(run: RunDir) -> tuple[str, str]:
 
 
 def _alive(pid: Any) -> bool:
-    """Whether process `pid` exists (on this machine)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether the run's process lives: this one, or another running dlkit."""
+    return pid == os.getpid() or process_alive(pid)
 
 
 def _quiet_mlflow_logs() -> None:
