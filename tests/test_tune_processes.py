@@ -92,7 +92,9 @@ def test_ctrl_c_stops_cleanly_after_saving_the_study_and_the_same_command_contin
     assert trial.status()["message"] == ("trial 0 of study 'digits-mlp', stopped by Ctrl-C or SIGTERM: the study does "
                                          "not count it, and `dlkit tune` with the same options runs another trial in "
                                          "its place")
-    assert (trial.checkpoints / "state-000000005.safetensors").is_file()
+    # a trial is never resumed: its folder stays as a record, without the checkpoints `dlkit resume` would suggest
+    assert not trial.checkpoints.exists() and len(trial.history()) == 0
+    assert (tmp_path / "runs" / "digits-mlp" / "trial-0" / "recipe.yaml").is_file()
     study = optuna.load_study(study_name="digits-mlp",
                               storage=f"sqlite:///{tmp_path / 'runs' / 'digits-mlp' / 'study.db'}")
     (stopped,) = study.trials

@@ -216,7 +216,10 @@ def tune(recipe: RecipeArg,
          jobs: Annotated[int, typer.Option(metavar="J", help="Trials at once on this machine (processes).")] = 1,
          overrides: SetOpt = [], epochs: EpochsOpt = None, seed: SeedOpt = None, data: DataOpt = None,
          data_dir: DataDirOpt = None, device: DeviceOpt = None, precision: PrecisionOpt = None,
-         quiet: QuietOpt = False, report: ReportOpt = None) -> None:
+         quiet: QuietOpt = False, report: ReportOpt = None,
+         track: Annotated[str | None, typer.Option("--track", metavar="BACKEND", help=(
+             "mlflow: log the study to MLflow, one parent run with every trial's run nested under it; none: "
+             "not, whatever the recipe's track section says."))] = None) -> None:
     """Search a recipe's hyperparameters with Optuna: each trial an ordinary run in runs/STUDY/trial-N/,
     pruned on the per-epoch metric; prints the trials, writes best.yaml (`dlkit run` reproduces the best
     trial) and study.html. Several processes (or machines, with --storage) can share one study."""
@@ -225,7 +228,7 @@ def tune(recipe: RecipeArg,
     result = tune_recipe(recipe, trials=trials, space=space, overrides=overrides, epochs=epochs, seed=seed,
                          fields=_fields(data, data_dir, device, precision), metric=metric, direction=direction,
                          pruner=pruner, storage=storage, study=study, timeout=timeout, jobs=jobs, quiet=quiet,
-                         report=report)
+                         report=report, track=track)
     if not quiet:
         typer.echo(result.table)
         for row in result.rows:
@@ -429,25 +432,11 @@ def track_sync(run_dir: Annotated[Path, typer.Argument(metavar="RUN")], uri: Uri
 def _tracked(recipe: Any, track: str | None, register: str | None, seeds: int = 1) -> Any:
     """The recipe with `--track` / `--register` applied (MLflow checked installed); runs of `--seeds N` get
     one group tag."""
-    if track not in (None, "mlflow", "none"):
-        raise ConfigError(f"--track must be mlflow or none, got '{track}'")
-    if track == "none":
-        if register:
-            raise ConfigError("--register needs tracking; drop --track none")
-        return recipe.model_copy(update={"track": None})
-    if track == "mlflow" or register:
-        from dlkit.config import TrackCfg
+    from dlkit.track import tracked
 
-        cfg = recipe.track or TrackCfg()
-        recipe = recipe.model_copy(update={"track": cfg.model_copy(update={"registered_model": register or
-                                                                           cfg.registered_model})})
+    recipe = tracked(recipe, track, register)
     if recipe.track is None:
         return recipe
-    from dlkit.track.settings import checked_uri, require_mlflow
-
-    require_mlflow()
-    if recipe.track.uri:
-        checked_uri(recipe.track.uri)
     if seeds > 1 and recipe.track.group is None:
         import time
 

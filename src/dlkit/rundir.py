@@ -277,7 +277,8 @@ class RunDir:
     @classmethod
     def resumable(cls, path: str | Path) -> RunDir:
         """Open a run that stopped before it finished (interrupted, failed, or killed while running),
-        or fail with one line: a finished run, or one whose process is still alive."""
+        or fail with one line: a finished run, one whose process is still alive, or a trial of a
+        `dlkit tune` study (the study would not count it: the study goes on with a new trial)."""
         p = Path(path).expanduser()
         if not p.is_dir():
             raise RunDirError(f"run directory {p} not found; pass the folder `dlkit run` printed")
@@ -287,10 +288,20 @@ class RunDir:
         status = run.status()
         if status["state"] == "finished":
             raise RunDirError(f"{p} is finished; there is nothing to resume (`dlkit run` starts a new run)")
-        pid = status.get("pid")
-        if status["state"] == "running" and pid != os.getpid() and process_alive(pid):
-            raise RunDirError(f"{p} is still running (process {pid}); stop it first, or wait for it to finish")
+        if run.owner_alive():
+            raise RunDirError(f"{p} is still running (process {status['pid']}); stop it first, or wait for it to finish")
+        study = study_of_trial(p)
+        if study is not None:
+            raise RunDirError(f"{p} is a trial of study '{study}', which a resumed run would not count; run `dlkit "
+                              "tune` again with the same options to continue the study (a new trial takes this one's "
+                              "place)")
         return run
+
+    def owner_alive(self) -> bool:
+        """Whether the run says running and the process that runs it (not this one) is alive."""
+        status = self.status()
+        pid = status.get("pid")
+        return status["state"] == "running" and pid != os.getpid() and process_alive(pid)
 
     def read_json(self, name: str) -> Any:
         """One of the run's JSON files; unreadable, bad UTF-8 or bad JSON is one line naming it."""
@@ -382,6 +393,16 @@ class RunDir:
                 raise RunDirError(f"{path}: line {number}: {_first_error(exc)}") from None
             epochs.append(row)
         return epochs
+
+
+def study_of_trial(path: Path) -> str | None:
+    """The study whose trial `path` is (dlkit tune's runs/<study>/trial-<n>/, beside the study's study.json
+    or study.db), else None."""
+    name = path.resolve().name
+    folder = path.resolve().parent
+    if not (name.startswith("trial-") and name.removeprefix("trial-").isdigit()):
+        return None
+    return folder.name if (folder / "study.json").is_file() or (folder / "study.db").is_file() else None
 
 
 def process_alive(pid: Any) -> bool:

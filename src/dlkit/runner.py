@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +42,15 @@ from dlkit.track import (
 def run(recipe: str | Path | Recipe, *, overrides: list[str] | tuple[str, ...] = (), epochs: int | None = None,
         seed: int | None = None, out: str | Path | None = None, fields: dict[str, Any] | None = None,
         quiet: bool = True, runs_root: str | Path = "runs", report: bool | None = None,
-        callbacks: Sequence[Callback] = ()) -> RunResult:
+        callbacks: Sequence[Callback] = (), track_tags: Mapping[str, str] | None = None) -> RunResult:
     """Train, test and save a recipe (a packaged name, a YAML path or a Recipe), then write its report
     (`report`: None follows the DLKIT_REPORT environment variable, on unless it is 0). `callbacks` join
-    the run's own (after them), e.g. the one by which `dlkit tune` watches and prunes a trial."""
+    the run's own (after them), e.g. the one by which `dlkit tune` watches and prunes a trial;
+    `track_tags` join its MLflow run's tags when the recipe is tracked (a trial's parent run and number)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides, epochs=epochs, seed=seed, fields=fields)
     return execute(recipe, out=out, progress=make_progress(quiet), runs_root=runs_root, report=report,
-                   callbacks=callbacks)
+                   callbacks=callbacks, track_tags=track_tags)
 
 
 def report_default() -> bool:
@@ -102,7 +103,8 @@ def _frozen_random_base(recipe: Recipe) -> str | None:
 
 
 def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainProgress | None = None,
-            runs_root: str | Path = "runs", report: bool | None = None, callbacks: Sequence[Callback] = ()) -> RunResult:
+            runs_root: str | Path = "runs", report: bool | None = None, callbacks: Sequence[Callback] = (),
+            track_tags: Mapping[str, str] | None = None) -> RunResult:
     """Run a resolved recipe; the run directory is created only once data and model are ready (a
     path that could not be created is refused before the data are loaded). `callbacks` see every
     epoch after the run's own (the NumPy engine takes none).
@@ -121,7 +123,8 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
         if callbacks:
             raise ConfigError("train.engine numpy trains without callbacks (it reports no epoch while it trains); "
                               "use train.engine torch")
-        return sync_after(recipe, execute_numpy(recipe, out=out, runs_root=runs_root, report=report), runs_root)
+        return sync_after(recipe, execute_numpy(recipe, out=out, runs_root=runs_root, report=report), runs_root,
+                          track_tags)
     progress = progress or QuietProgress()
     dist = from_env()
     if not dist.is_main:
@@ -130,7 +133,8 @@ def execute(recipe: Recipe, *, out: str | Path | None = None, progress: PlainPro
     ready = _prepare(recipe, progress, "stopped before training started; nothing was written", dist)
     dist.barrier()  # every rank checked --out before rank 0 creates it
     run = RunDir.create(recipe, out, runs_root) if dist.is_main else None
-    return _train(run, recipe, ready, progress, report, extra_callbacks=callbacks, runs_root=runs_root)
+    return _train(run, recipe, ready, progress, report, extra_callbacks=callbacks, runs_root=runs_root,
+                  track_tags=track_tags)
 
 
 def resume(run_dir: str | Path, *, force: bool = False, quiet: bool = True, report: bool | None = None,
@@ -218,7 +222,8 @@ def _prepare(recipe: Recipe, progress: PlainProgress, interrupted: str, dist: Di
 
 def _train(run: RunDir | None, recipe: Recipe, ready: _Ready, progress: PlainProgress, report: bool,
            resume_from: TrainState | None = None, resume_notes: list[str] | None = None,
-           extra_callbacks: Sequence[Callback] = (), runs_root: str | Path = "runs") -> RunResult:
+           extra_callbacks: Sequence[Callback] = (), runs_root: str | Path = "runs",
+           track_tags: Mapping[str, str] | None = None) -> RunResult:
     """Fit (from `resume_from` when given), test, complete the run directory, write the report. With
     many processes every rank trains and tests; rank 0 alone (`run` given) writes anything."""
     data, model, cfg, dist = ready.data, ready.model, ready.train_cfg, ready.dist
@@ -234,7 +239,8 @@ def _train(run: RunDir | None, recipe: Recipe, ready: _Ready, progress: PlainPro
                                     {"recipe_sha256": recipe_sha256(recipe), "data_fingerprint": data.fingerprint(),
                                      "versions": library_versions(), "world": dist.world})
         # None unless the recipe is tracked (MLflow loads only then); a resumed run continues its MLflow run
-        tracker = resume_tracker(run.path) if resume_from is not None else start_tracking(recipe, run, runs_root)
+        tracker = (resume_tracker(run.path) if resume_from is not None
+                   else start_tracking(recipe, run, runs_root, track_tags))
     watched = guarded(run, total, progress) if run is not None else _quiet_rank(progress)
     with tracking_outcome(tracker), watched, graceful_stop() as stop:
         history = fit(model, data, cfg, device=ready.device, precision=ready.precision, generator=ready.generator,

@@ -18,7 +18,7 @@ Nothing here imports MLflow, or torch, until a run is tracked: `dlkit list` pays
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,10 +32,12 @@ if TYPE_CHECKING:
     from dlkit.track.mlflow_logger import MlflowTracker
 
 
-def start_tracking(recipe: Recipe, run: RunDir, runs_root: str | Path = "runs") -> MlflowTracker | None:
-    """The tracker of a run just created, already creating its MLflow run in the background; None when the
-    recipe has no `track` section. A tracking setting that cannot work (MLflow not installed, a URI MLflow
-    does not read) marks the run failed and raises one ConfigError line."""
+def start_tracking(recipe: Recipe, run: RunDir, runs_root: str | Path = "runs",
+                   tags: Mapping[str, str] | None = None) -> MlflowTracker | None:
+    """The tracker of a run just created, already creating its MLflow run in the background (with `tags`
+    beside its own: a study's trial names its parent run); None when the recipe has no `track` section.
+    A tracking setting that cannot work (MLflow not installed, a URI MLflow does not read) marks the run
+    failed and raises one ConfigError line."""
     if recipe.track is None:
         return None
     from dlkit.track.settings import require_mlflow
@@ -43,7 +45,7 @@ def start_tracking(recipe: Recipe, run: RunDir, runs_root: str | Path = "runs") 
 
     try:
         require_mlflow()
-        state = new_state(run, recipe.track, recipe.name, runs_root)
+        state = new_state(run, recipe.track, recipe.name, runs_root, tags)
     except ConfigError as exc:
         run.mark("failed", str(exc))
         raise
@@ -106,7 +108,7 @@ def finish_tracking(tracker: MlflowTracker | None) -> None:
     _end(tracker, None, interrupted=stopped)
 
 
-def sync_after(recipe: Recipe, result: Any, runs_root: str | Path = "runs") -> Any:
+def sync_after(recipe: Recipe, result: Any, runs_root: str | Path = "runs", tags: Mapping[str, str] | None = None) -> Any:
     """A run made without a live tracker (the NumPy engine trains in seconds, before its run directory
     exists) is sent whole once finished; MLflow failing is one warning. Returns `result` (a RunResult)."""
     if recipe.track is None:
@@ -117,7 +119,7 @@ def sync_after(recipe: Recipe, result: Any, runs_root: str | Path = "runs") -> A
     run = RunDir(result.run_dir)
     try:
         require_mlflow()
-        state = new_state(run, recipe.track, recipe.name, runs_root)
+        state = new_state(run, recipe.track, recipe.name, runs_root, tags)
         run.write_tracking(state)
         Sender(run, state).send_all()
     except Exception as exc:  # the run is finished and kept; tracking it is what failed
@@ -136,6 +138,31 @@ def sync_run(run_dir: str | Path, uri: str | None = None, experiment: str | None
     require_mlflow()
     cfg = TrackCfg(uri=uri, experiment=experiment) if uri or experiment else None
     return sync(run_dir, cfg, runs_root)
+
+
+def tracked(recipe: Recipe, track: str | None, register: str | None = None) -> Recipe:
+    """The recipe with `--track` (mlflow, none, or None: as the recipe says) and `--register NAME` applied;
+    when it is tracked, MLflow is checked installed and its URI readable (one ConfigError line each)."""
+    if track not in (None, "mlflow", "none"):
+        raise ConfigError(f"--track must be mlflow or none, got '{track}'")
+    if track == "none":
+        if register:
+            raise ConfigError("--register needs tracking; drop --track none")
+        return recipe.model_copy(update={"track": None})
+    if track == "mlflow" or register:
+        from dlkit.config import TrackCfg
+
+        cfg = recipe.track or TrackCfg()
+        recipe = recipe.model_copy(update={"track": cfg.model_copy(update={"registered_model": register or
+                                                                           cfg.registered_model})})
+    if recipe.track is None:
+        return recipe
+    from dlkit.track.settings import checked_uri, require_mlflow
+
+    require_mlflow()
+    if recipe.track.uri:
+        checked_uri(recipe.track.uri)
+    return recipe
 
 
 def tracking_uri(cfg: TrackCfg | None = None, runs_root: str | Path = "runs") -> str:

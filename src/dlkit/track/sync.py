@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,16 @@ class TrackingError(DlkitError):
     """MLflow refused or could not be reached; what was not sent stays recorded in tracking.json."""
 
 
-def new_state(run: RunDir, cfg: TrackCfg | None, recipe_name: str, runs_root: str | Path = "runs") -> dict[str, Any]:
-    """tracking.json for a run not yet sent anywhere: where it goes, and nothing sent."""
+def new_state(run: RunDir, cfg: TrackCfg | None, recipe_name: str, runs_root: str | Path = "runs",
+              tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """tracking.json for a run not yet sent anywhere: where it goes, and nothing sent. `tags` join the run's
+    own when it is created (a study's trial: its parent run, study and number), kept here so that
+    `dlkit track sync` creates a run the live tracker could not with the same ones."""
     cfg = cfg or TrackCfg()
     return {"backend": "mlflow", "tracking_uri": tracking_uri(cfg, runs_root),
             "experiment": cfg.experiment or recipe_name, "run_name": run.path.name, "run_id": None,
             "experiment_id": None, "register": cfg.registered_model, "group": cfg.group, "log_model": cfg.log_model,
+            "tags": dict(tags or {}),
             "sent": {"start": False, "epochs": 0, "results": False, "files": {}, "model": None,
                      "registered": None, "status": None}}
 
@@ -43,7 +48,7 @@ class Sender:
         client_env()
         from mlflow import MlflowClient
 
-        _quiet_mlflow_logs()
+        quiet_mlflow_logs()
 
         self.run, self.state = run, state
         self.sent: dict[str, Any] = state["sent"]
@@ -61,10 +66,10 @@ class Sender:
         """The MLflow run's id, creating the experiment and the run the first time."""
         if self.state["run_id"] is not None:
             return self.state["run_id"]
-        experiment_id = self._experiment_id()
+        experiment_id = find_experiment(self.client, self.state["experiment"], self.state["tracking_uri"])
         recipe = self._recipe()
-        created = self.client.create_run(experiment_id, run_name=self.state["run_name"],
-                                         tags=content.start_tags(self.run, recipe, self.state.get("group")))
+        tags = content.start_tags(self.run, recipe, self.state.get("group")) | (self.state.get("tags") or {})
+        created = self.client.create_run(experiment_id, run_name=self.state["run_name"], tags=tags)
         self.state.update(run_id=created.info.run_id, experiment_id=experiment_id)
         self.save()
         return created.info.run_id
@@ -190,24 +195,24 @@ class Sender:
     def _recipe(self) -> dict[str, Any]:
         return self.run.recipe().model_dump(mode="json", exclude_none=True)
 
-    def _experiment_id(self) -> str:
-        """The experiment's id by name, created (with a SQLite store's artifact folder) when missing."""
-        from mlflow.exceptions import MlflowException
 
-        name = self.state["experiment"]
-        found = self.client.get_experiment_by_name(name)
-        if found is None:
-            try:
-                return self.client.create_experiment(name, artifact_location=artifact_location(
-                    self.state["tracking_uri"], name))
-            except MlflowException:  # created meanwhile by another run (seeds side by side)
-                found = self.client.get_experiment_by_name(name)
-                if found is None:
-                    raise
-        if found.lifecycle_stage == "deleted":
-            raise TrackingError(f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore "
-                                f"--experiment-id {found.experiment_id}) or set track.experiment")
-        return found.experiment_id
+def find_experiment(client: Any, name: str, uri: str) -> str:
+    """Experiment `name`'s id, created (with a SQLite store's artifact folder) when missing; a deleted one
+    is one TrackingError line."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except MlflowException:  # created meanwhile by another run (seeds side by side)
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise TrackingError(f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore "
+                            f"--experiment-id {found.experiment_id}) or set track.experiment")
+    return found.experiment_id
 
 
 def sync_run(run_dir: str | Path, cfg: TrackCfg | None = None, runs_root: str | Path = "runs") -> dict[str, Any]:
@@ -246,7 +251,7 @@ def _alive(pid: Any) -> bool:
     return pid == os.getpid() or process_alive(pid)
 
 
-def _quiet_mlflow_logs() -> None:
+def quiet_mlflow_logs() -> None:
     """MLflow's INFO lines (database migrations, 'Created version 1') would interleave with dlkit's own
     progress lines; its warnings and errors still show."""
     import logging

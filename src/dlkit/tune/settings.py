@@ -24,8 +24,9 @@ FORMAT = "dlkit-study/1"
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
-# where a recipe's data are on this machine: processes on other machines may keep them elsewhere
-LOCAL_FIELDS = ("data.path", "data.data_dir")
+# where a recipe's data are on this machine: processes on other machines may keep them elsewhere; and where
+# its runs are tracked, which is not a setting of what the trials run (each command says it: --track)
+LOCAL_FIELDS = ("data.path", "data.data_dir", "track.")
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -76,7 +77,7 @@ class TuneSettings:
 
     def identity(self) -> dict[str, Any]:
         """What the study records, so that every process working on it runs the same trials."""
-        return {"format": FORMAT, "recipe": self.recipe.model_dump(mode="json", exclude_none=True),
+        return {"format": FORMAT, "recipe": self.recipe.model_dump(mode="json", exclude_none=True, exclude={"track"}),
                 "space": {k: str(d) for k, d in self.space.items()}, "metric": self.metric, "pruner": self.pruner}
 
     def differences(self, stored: Mapping[str, Any]) -> list[str]:

@@ -6,12 +6,17 @@ The study's budget (`--trials N`) counts trials that are finished, failed or und
 process that shares the storage: a process takes the next trial only while fewer are counted, and a
 trial that two processes took at once beyond the budget is dropped before it runs, so a study ends
 with N trials. A trial stopped by Ctrl-C, or whose process died (no heartbeat for study.GRACE_S), does
-not count: running the command again fills its place.
+not count: running the command again fills its place with a new trial (new values, a new number).
+
+A trial is never resumed (`dlkit resume` refuses its folder), so the folder of one that ended unfinished
+keeps its record (status, recipe, the epochs it ran) but not its checkpoints: `clear_unfinished` deletes
+them once Optuna has ended the trial.
 """
 from __future__ import annotations
 
 import math
 import re
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -80,9 +85,10 @@ class Objective:
     the run kept (pruned: raise TrialPruned; failed: TrialFailed with the reason recorded)."""
 
     def __init__(self, study: optuna.Study, settings: TuneSettings, budget: int, *, quiet: bool,
-                 report: bool | None):
+                 report: bool | None, parent: Callable[[], str | None] | None = None):
         self.study, self.settings, self.budget = study, settings, budget
         self.quiet, self.report = quiet, report
+        self.parent = parent  # the study's MLflow parent run id, when the recipe is tracked
         self.number: int | None = None
 
     def __call__(self, trial: Trial) -> float:
@@ -101,15 +107,18 @@ class Objective:
         try:
             # the seam for tracking: a trial is an ordinary `runner.run`, so whatever a run records, a trial does
             recipe = settings.trial_recipe(values, origin=f"trial {trial.number}")
-            result = run(recipe, out=out, quiet=self.quiet, report=self.report,
-                         callbacks=[pruning] if pruning is not None else ())
+            tags = None
+            if recipe.track is not None:
+                from dlkit.tune.tracking import trial_tags
+
+                tags = trial_tags(settings, trial.number, values, self.parent() if self.parent else None)
+            result = run(recipe, out=out, quiet=self.quiet, report=self.report, runs_root=settings.folder.parent,
+                         callbacks=[pruning] if pruning is not None else (), track_tags=tags)
             value = kept_value(result.history, result.summary, settings.metric)
         except (RunInterrupted, KeyboardInterrupt):
             trial.set_user_attr("interrupted", True)
             if (out / STATUS).is_file():
-                RunDir(out).mark("interrupted", f"trial {trial.number} of study '{settings.study}', stopped by Ctrl-C or "
-                                 "SIGTERM: the study does not count it, and `dlkit tune` with the same options runs "
-                                 "another trial in its place")
+                RunDir(out).mark("interrupted", stopped_message(trial.number, settings))
             raise
         except Exception as exc:
             if self._ends_study(exc):
@@ -159,11 +168,43 @@ def kept_value(history: list[dict[str, Any]], summary: dict[str, Any], metric: s
     return value
 
 
+def stopped_message(number: int, settings: TuneSettings) -> str:
+    """status.json's message for a trial stopped before it finished."""
+    return (f"trial {number} of study '{settings.study}', stopped by Ctrl-C or SIGTERM: the study does not count it, "
+            "and `dlkit tune` with the same options runs another trial in its place")
+
+
+def clear_unfinished(study: optuna.Study, settings: TuneSettings) -> list[int]:
+    """Delete the checkpoints of this machine's trials that Optuna has ended but whose runs did not finish
+    (stopped by Ctrl-C, failed, or lost with a killed process; no trial is resumed, so they would only
+    take space and suggest `dlkit resume`); a run left `running` by a dead process is marked interrupted.
+    Returns the trial numbers cleared."""
+    cleared = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        path = settings.folder / f"trial-{t.number}"
+        if not (path / STATUS).is_file():
+            continue
+        run_dir = RunDir(path)
+        status = run_dir.status()
+        if status["state"] == "finished":
+            continue
+        if run_dir.owner_alive():
+            continue
+        if status["state"] == "running":  # Optuna failed it: its process stopped beating
+            run_dir.mark("interrupted", stopped_message(t.number, settings))
+        if run_dir.checkpoints.is_dir():
+            shutil.rmtree(run_dir.checkpoints)
+            cleared.append(t.number)
+    return cleared
+
+
 def run_trials(study: optuna.Study, settings: TuneSettings, budget: int, *, deadline: float, quiet: bool,
-               report: bool | None, say: Callable[[FrozenTrial], None]) -> list[int]:
+               report: bool | None, say: Callable[[FrozenTrial], None],
+               parent: Callable[[], str | None] | None = None) -> list[int]:
     """Take trials one after another until the study counts `budget` of them or `deadline` (a
-    time.monotonic() value) has passed; `say(trial)` after each. Returns the numbers this process ran."""
-    objective = Objective(study, settings, budget, quiet=quiet, report=report)
+    time.monotonic() value) has passed; `say(trial)` after each; `parent()` gives the study's MLflow parent
+    run id for a tracked trial. Returns the numbers this process ran."""
+    objective = Objective(study, settings, budget, quiet=quiet, report=report, parent=parent)
     ran = []
     while time.monotonic() < deadline:
         if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= budget:
