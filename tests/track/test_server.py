@@ -60,6 +60,18 @@ def test_a_run_sends_params_metrics_tags_and_files_to_the_server(tools, served, 
     assert version.run_id == state["run_id"]
 
 
+def test_the_uis_run_page_query_answers(served, mlflow_server):
+    """MLflow's UI draws a run's page from /graphql (graphene, which needs graphql-core 3.2: pinned)."""
+    import httpx
+
+    run_id = tracking(served)["run_id"]
+    query = "query GetRun($id: String) { mlflowGetRun(input: {runId: $id}) { run { info { runId status } } } }"
+    r = httpx.post(f"{mlflow_server}/graphql", json={"query": query, "variables": {"id": run_id}}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"data": {"mlflowGetRun": {"run": {"info": {"runId": run_id, "status": "FINISHED"}}}},
+                        "errors": None}
+
+
 def test_mlflow_models_serve_answers_as_dlkit_predict(tools, served, mlflow_server, digit_files, tmp_path):
     port = tools.free_port()
     log = tmp_path / "models-serve.log"
