@@ -383,7 +383,7 @@ def serve(
         raise ConfigError(f"--port must be 1..65535 and --workers at least 1, got {port} and {workers}")
     key = _api_key(api_key_file)
     settings = {"backend": backend, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "api_key": key,
-                "cors": cors or None}
+                "cors": cors or None, "freeze_gc": True}
     application = create_app(runs, **settings)  # checks the runs and options before the server starts
     names = ", ".join(application.state.models)
     typer.echo(f"serving {names} on http://{host}:{port} ({backend} backend; API docs at /docs)", err=True)

@@ -568,6 +568,21 @@ def test_the_onnx_backend_exports_on_first_serve_and_answers_as_torch_does(runs,
 
 # ---- the command line and a real server -----------------------------------------------------------------
 
+def test_freeze_gc_hands_what_is_alive_once_loaded_to_gc_freeze(runs):
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with ready_client(create_app({"t": runs[TABLE]}, backend="torch")):
+        assert gc.get_freeze_count() == 0  # only when asked: a process that only serves (dlkit serve)
+    try:
+        with ready_client(create_app({"t": runs[TABLE]}, backend="torch", freeze_gc=True)) as c:
+            frozen = gc.get_freeze_count()
+            assert c.post("/v1/models/t/predict", json={"inputs": [[0.0] * 30]}).status_code == 200
+    finally:
+        gc.unfreeze()
+    assert frozen > 10_000  # torch, the libraries and the model: out of every full collection's walk
+
+
 def test_serve_mistakes_are_one_error_line(runs, tmp_path, capsys):
     short = tmp_path / "key"
     short.write_text("abc\n")
