@@ -378,6 +378,7 @@ def serve(
     import uvicorn
 
     from dlkit.serve.app import create_app
+    from dlkit.serve.workers import check_port, run_workers
 
     if not 0 < port < 65536 or workers < 1:
         raise ConfigError(f"--port must be 1..65535 and --workers at least 1, got {port} and {workers}")
@@ -385,6 +386,7 @@ def serve(
     settings = {"backend": backend, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "api_key": key,
                 "cors": cors or None, "freeze_gc": True}
     application = create_app(runs, **settings)  # checks the runs and options before the server starts
+    check_port(host, port)
     names = ", ".join(application.state.models)
     typer.echo(f"serving {names} on http://{host}:{port} ({backend} backend; API docs at /docs)", err=True)
     if workers == 1:
@@ -394,8 +396,7 @@ def serve(
     import os
 
     os.environ["DLKIT_SERVE_SETTINGS"] = json.dumps({"runs": runs, **settings})
-    uvicorn.run("dlkit.serve.app:app_from_settings", factory=True, host=host, port=port, workers=workers,
-                log_level="info", access_log=access_log)
+    run_workers("dlkit.serve.app:app_from_settings", host, port, workers, log_level="info", access_log=access_log)
 
 
 @app.command()
