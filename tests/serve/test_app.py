@@ -657,11 +657,17 @@ def test_serve_mistakes_are_one_error_line(runs, tmp_path, capsys):
         (["serve", f"a={runs[TABLE]}", f"a={runs[TEXT]}", "--backend", "torch"],
          f"error: two runs are both named 'a' ({runs[TABLE]} and {runs[TEXT]}); name them with NAME=RUN"),
     ]
-    for argv, line in cases:
-        with pytest.raises(SystemExit) as exit_:
-            main(argv)
-        assert exit_.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines() == [line]
+    taken = socket.create_server(("127.0.0.1", 0))  # a port something else listens on
+    port = taken.getsockname()[1]
+    for workers in ("1", "2"):
+        cases.append((["serve", str(runs[TABLE]), "--backend", "torch", "--port", str(port), "--workers", workers],
+                      f"error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port"))
+    with taken:
+        for argv, line in cases:
+            with pytest.raises(SystemExit) as exit_:
+                main(argv)
+            assert exit_.value.code == 2
+            assert capsys.readouterr().err.strip().splitlines() == [line]
 
 
 def test_a_real_server_starts_answers_and_stops_on_sigterm(runs, serving, tmp_path):
