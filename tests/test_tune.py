@@ -14,7 +14,6 @@ import optuna
 import pytest
 import yaml
 
-from dlkit.cli import main
 from dlkit.files import sha256_file
 from dlkit.recipes import load_recipe
 from dlkit.rundir import RunDir
@@ -162,21 +161,6 @@ def test_the_pruning_callback_ends_the_whole_fit_and_the_run_still_finishes(tmp_
 
 # ---- user mistakes: one `error:` line, exit code 2, nothing run ----------------------------------
 
-def cli(*args: str) -> tuple[int, str, str]:
-    """`dlkit ARGS` in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
 TUNE = ("tune", "digits-mlp", "--trials", "2")
 
 
@@ -214,51 +198,51 @@ TUNE = ("tune", "digits-mlp", "--trials", "2")
     ((*TUNE, "--storage", "no-url"), "--storage 'no-url' is not a database URL; use e.g. sqlite:///study.db or "
      "postgresql://user@host/dbname"),
 ])
-def test_a_mistake_is_one_error_line_before_any_trial(args, message):
-    code, out, err = cli(*args)
+def test_a_mistake_is_one_error_line_before_any_trial(args, message, run_cli):
+    code, out, err = run_cli(*args)
     assert code == 2 and out == ""
     assert err.splitlines() == [f"error: {message}"] or (
         message.startswith("Missing") and err.startswith(f"error: {message}") and len(err.splitlines()) == 1)
     assert not Path("runs").exists()
 
 
-def test_tune_refuses_to_run_under_torchrun(monkeypatch):
+def test_tune_refuses_to_run_under_torchrun(monkeypatch, run_cli):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli(*TUNE) == (2, "", "error: dlkit tune runs each trial in one process; start it without torchrun "
+    assert run_cli(*TUNE) == (2, "", "error: dlkit tune runs each trial in one process; start it without torchrun "
                                  "(--jobs J runs trials side by side)\n")
 
 
-def test_a_storage_that_cannot_be_opened_is_one_line_without_its_password():
-    code, out, err = cli(*TUNE, "--storage", "postgresql://me:s3cret@127.0.0.1:1/db")
+def test_a_storage_that_cannot_be_opened_is_one_line_without_its_password(run_cli):
+    code, out, err = run_cli(*TUNE, "--storage", "postgresql://me:s3cret@127.0.0.1:1/db")
     assert code == 2 and len(err.splitlines()) == 1 and "s3cret" not in err
     assert err.startswith("error: --storage postgresql://me:***@127.0.0.1:1/db needs a database driver") or (
         err.startswith("error: cannot open --storage postgresql://me:***@127.0.0.1:1/db: "))
     assert not Path("runs").exists()
 
 
-def test_a_study_refuses_other_settings_and_a_folder_of_another_studys_trials():
-    assert cli(*TUNE[:-1], "1", "--epochs", "1", "--quiet")[:2] == (0, "runs/digits-mlp\n")
+def test_a_study_refuses_other_settings_and_a_folder_of_another_studys_trials(run_cli):
+    assert run_cli(*TUNE[:-1], "1", "--epochs", "1", "--quiet")[:2] == (0, "runs/digits-mlp\n")
     db = Path("runs/digits-mlp/study.db").resolve()
-    code, _, err = cli(*TUNE, "--epochs", "1", "--space", "train.optimizer.lr=loguniform(1e-5, 1e-1)")
+    code, _, err = run_cli(*TUNE, "--epochs", "1", "--space", "train.optimizer.lr=loguniform(1e-5, 1e-1)")
     assert (code, err) == (2, f"error: study 'digits-mlp' in sqlite:///{db} was started with other settings: its "
                               "search space is train.optimizer.lr: loguniform(0.0001, 0.01); train.batch_size: "
                               "choice(20, 32, 64, 128); model.dropout: uniform(0.0, 0.5); run it with the same recipe "
                               "and options, or start another with --study NAME\n")
-    code, _, err = cli(*TUNE, "--epochs", "2")
+    code, _, err = run_cli(*TUNE, "--epochs", "2")
     assert (code, err) == (2, f"error: study 'digits-mlp' in sqlite:///{db} was started with other settings: its recipe "
                               "has train.epochs = 1 (here 2); run it with the same recipe and options, or start another "
                               "with --study NAME\n")
-    code, _, err = cli(*TUNE, "--epochs", "1", "--metric", "val_loss")
+    code, _, err = run_cli(*TUNE, "--epochs", "1", "--metric", "val_loss")
     assert code == 2 and err.startswith(f"error: study 'digits-mlp' in sqlite:///{db} was started with other settings: "
                                         "it is to maximize; its metric is val_accuracy; run it")
     db.unlink()  # the study is gone, its trials are not
-    code, _, err = cli(*TUNE, "--epochs", "1")
+    code, _, err = run_cli(*TUNE, "--epochs", "1")
     assert (code, err) == (2, f"error: runs/digits-mlp holds trials (trial-0) of a study that study 'digits-mlp' in "
                               f"sqlite:///{db} is not; choose another --study NAME or move that folder away\n")
 
 
-def test_the_command_prints_the_table_the_best_trial_and_its_files():
-    code, out, err = cli(*TUNE, "--epochs", "1", "--study", "cli")
+def test_the_command_prints_the_table_the_best_trial_and_its_files(run_cli):
+    code, out, err = run_cli(*TUNE, "--epochs", "1", "--study", "cli")
     assert code == 0, err
     lines = out.splitlines()
     study = json.loads(Path("runs/cli/study.json").read_text())

@@ -15,7 +15,6 @@ import pytest
 from mlflow import MlflowClient
 
 import dlkit
-from dlkit.cli import main
 from dlkit.space import shown
 from dlkit.tune import tune
 from dlkit.tune.settings import resolve
@@ -114,21 +113,7 @@ def test_processes_that_open_the_parent_at_once_share_one(tmp_path):
     assert claim(settings, ATTR, {"run_id": "another"})["run_id"] == ids.pop()  # claimed once: a later claim reads it
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
-def test_ctrl_c_ends_the_parent_killed_and_the_stopped_trial_cannot_be_resumed(tmp_path):
+def test_ctrl_c_ends_the_parent_killed_and_the_stopped_trial_cannot_be_resumed(tmp_path, run_cli):
     env = {**os.environ, "NO_COLOR": "1", "DLKIT_HOLD_AFTER_STEP": "5", "PYTHONPATH": str(Path(dlkit.__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "dlkit", "tune", "digits-mlp", "--trials", "2", "--epochs", "2",
                              "--track", "mlflow"], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
@@ -154,7 +139,7 @@ def test_ctrl_c_ends_the_parent_killed_and_the_stopped_trial_cannot_be_resumed(t
     assert not (trial / "checkpoints").exists()  # a trial is never resumed: its checkpoints are gone
 
     before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in (tmp_path / "runs").rglob("*")}
-    code, out, err = cli("resume", "runs/digits-mlp/trial-0")
+    code, out, err = run_cli("resume", "runs/digits-mlp/trial-0")
     assert (code, out) == (2, "")
     assert err == ("error: runs/digits-mlp/trial-0 is a trial of study 'digits-mlp', which a resumed run would not "
                    "count; run `dlkit tune` again with the same options to continue the study (a new trial takes this "
