@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,18 @@ def stop_at(monkeypatch, step: int, how: str) -> None:
         stop.signum = signal.SIGINT
 
     monkeypatch.setattr(Checkpointer, "hold", hold)
+
+
+def wait_until_held(proc: subprocess.Popen, step: int) -> list[str]:
+    """What a `dlkit` process started with DLKIT_HOLD_AFTER_STEP=step printed to stderr (text mode) up to
+    the line saying it holds there; it ending first fails with what it printed."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(f"holding after step {step}"):
+            return seen
+    raise AssertionError("".join(seen))
 
 
 def keep_states(monkeypatch) -> None:

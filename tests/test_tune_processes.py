@@ -71,17 +71,11 @@ def test_two_commands_on_one_storage_share_the_budget_and_never_run_a_trial_twic
         assert table_trials(out) == list(range(6))
 
 
-def test_ctrl_c_stops_cleanly_after_saving_the_study_and_the_same_command_continues(tmp_path):
+def test_ctrl_c_stops_cleanly_after_saving_the_study_and_the_same_command_continues(tmp_path, resume_check):
     # the run holds after its 5th optimizer step (dlkit's test hook) until the signal comes
     proc = start("tune", "digits-mlp", "--trials", "2", "--epochs", "2", cwd=tmp_path,
                  env={"DLKIT_HOLD_AFTER_STEP": "5"})
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.startswith("holding after step 5"):
-            break
-    assert seen and seen[-1].startswith("holding"), "".join(seen)
+    resume_check.wait_until_held(proc, 5)
     proc.send_signal(signal.SIGINT)
     code, out, err = finish(proc, 120)
     assert code == 130 and out == ""

@@ -113,18 +113,12 @@ def test_processes_that_open_the_parent_at_once_share_one(tmp_path):
     assert claim(settings, ATTR, {"run_id": "another"})["run_id"] == ids.pop()  # claimed once: a later claim reads it
 
 
-def test_ctrl_c_ends_the_parent_killed_and_the_stopped_trial_cannot_be_resumed(tmp_path, run_cli):
+def test_ctrl_c_ends_the_parent_killed_and_the_stopped_trial_cannot_be_resumed(tmp_path, run_cli, resume_check):
     env = {**os.environ, "NO_COLOR": "1", "DLKIT_HOLD_AFTER_STEP": "5", "PYTHONPATH": str(Path(dlkit.__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "dlkit", "tune", "digits-mlp", "--trials", "2", "--epochs", "2",
                              "--track", "mlflow"], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.startswith("holding after step 5"):
-            break
-    assert seen and seen[-1].startswith("holding"), "".join(seen)
+    resume_check.wait_until_held(proc, 5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
