@@ -392,11 +392,21 @@ def serve(
     if workers == 1:
         uvicorn.run(application, host=host, port=port, log_level="info", access_log=access_log)
         return
-    # each worker process builds its own app from the same settings, handed over by dlkit alone
+    # each worker process builds its own app from the same settings, handed over by dlkit alone, and
+    # publishes its numbers and readiness in a private folder the workers share (metrics.Shared)
     import os
+    import shutil
+    import tempfile
 
-    os.environ["DLKIT_SERVE_SETTINGS"] = json.dumps({"runs": runs, **settings})
-    run_workers("dlkit.serve.app:app_from_settings", host, port, workers, log_level="info", access_log=access_log)
+    from dlkit.serve.inputs import SCRATCH
+
+    shared = tempfile.mkdtemp(prefix="dlkit-serve-workers-", dir=SCRATCH)
+    os.environ["DLKIT_SERVE_SETTINGS"] = json.dumps({"runs": runs, **settings, "shared_dir": shared,
+                                                     "workers": workers})
+    try:
+        run_workers("dlkit.serve.app:app_from_settings", host, port, workers, log_level="info", access_log=access_log)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @app.command()

@@ -589,7 +589,38 @@ def established_by_process(port: int, pids: list[int]) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-worker sockets (SO_REUSEPORT) are Linux's")
-def test_workers_each_take_a_share_of_new_connections(runs, serving, tmp_path):
+def test_metrics_add_up_other_workers_and_drop_a_dead_ones_queue(tmp_path):
+    from dlkit.serve.metrics import Metrics, Shared
+
+    mine = Metrics(lambda: {"t": 2})
+    mine.request("t", "predict", 200, 0.003)
+    mine.batch("t", 4)
+    other = Metrics(lambda: {"t": 5})
+    for _ in range(3):
+        other.request("t", "predict", 200, 0.02)
+    other.request("t", "predict", 400, 0.001)
+    shared = Shared(tmp_path, workers=3)
+    shared.publish(mine.state(), ready=True)  # this process's own file: read live, not from the folder
+    (tmp_path / "worker-1.json").write_text(json.dumps({**other.state(), "ready": True, "time": time.time()}))
+    (tmp_path / "worker-2.json").write_text(json.dumps({**other.state(), "ready": True, "time": time.time() - 60}))
+    text = mine.render(shared.others())
+    assert 'dlkit_requests_total{model="t",endpoint="predict",status="200"} 7' in text  # 1 + 3 + 3 (dead: kept)
+    assert 'dlkit_requests_total{model="t",endpoint="predict",status="400"} 2' in text
+    assert 'dlkit_request_seconds_bucket{model="t",endpoint="predict",le="0.005"} 3' in text  # 0.003 and two 0.001
+    assert 'dlkit_request_seconds_count{model="t",endpoint="predict"} 9' in text
+    assert 'dlkit_batch_size_sum{model="t"} 4.000000' in text
+    assert 'dlkit_queue_depth{model="t"} 7' in text  # 2 + 5; the dead worker's queue is gone
+    assert shared.ready_workers(True) == 2  # this one and worker 1; worker 2 stopped publishing
+
+
+def predictions_total(base: str) -> float:
+    """dlkit_requests_total of model t's answered predictions, as /metrics says on a new connection."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    line = 'dlkit_requests_total{model="t",endpoint="predict",status="200"} '
+    return next((float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+def test_workers_share_connections_and_add_up_their_metrics(runs, serving, tmp_path):
     log = tmp_path / "server.log"
     with serving([f"t={runs[TABLE]}", "--backend", "torch", "--workers", "2"], log) as (base, proc):
         port = int(base.rsplit(":", 1)[1])
@@ -608,6 +639,15 @@ def test_workers_each_take_a_share_of_new_connections(runs, serving, tmp_path):
             shares.append(sorted(held.values()))
             for c in clients:
                 c.close()
+        body = json.dumps({"inputs": [[0.0] * 30]}).encode()
+        request = (b"POST /v1/models/t/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(40):  # each on a new connection: both workers answer some
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                c.sendall(request)
+                assert c.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(1.5)  # each worker publishes its numbers every second
+        scraped = [predictions_total(base) for _ in range(8)]  # 8 new connections: both workers answer /metrics
         os.kill(workers[0], signal.SIGKILL)  # a worker dies: its replacement takes over its socket
         while log.read_text().count("Application startup complete.") < 3:
             assert time.monotonic() < deadline + 60, log.read_text()
@@ -620,6 +660,10 @@ def test_workers_each_take_a_share_of_new_connections(runs, serving, tmp_path):
         after = established_by_process(port, [replacement, workers[1]])
         for c in clients:
             c.close()
+        while httpx.get(f"{base}/ready", timeout=10).status_code != 200:  # both workers' models again
+            assert time.monotonic() < deadline + 90, log.read_text()
+            time.sleep(0.2)
+        kept = predictions_total(base)
         assert proc.returncode is None
     # one shared socket gave one worker 24, 25 and 29 of 32 in three such bursts; a socket each spreads them
     # by hash: over 96 connections each worker holds 28-68 (4 standard deviations of a fair split)
@@ -628,6 +672,8 @@ def test_workers_each_take_a_share_of_new_connections(runs, serving, tmp_path):
     assert "a socket each" in log.read_text()
     assert f"Child process [{workers[0]}] died" in log.read_text()
     assert sum(after.values()) == 32 and min(after.values()) >= 4, after  # P(< 4 of 32) is 1.3e-6 a side
+    assert scraped == [40] * 8  # whichever worker answers adds up both (alone each had about 20)
+    assert kept == 40  # the dead worker's counts stay in the sum: a counter never goes down
 
 
 def test_freeze_gc_hands_what_is_alive_once_loaded_to_gc_freeze(runs):

@@ -60,7 +60,7 @@ from dlkit.serve.limits import (
     check_api_key,
     input_status,
 )
-from dlkit.serve.metrics import Metrics
+from dlkit.serve.metrics import Metrics, Shared
 
 log = logging.getLogger("dlkit.serve")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -145,14 +145,19 @@ def backend_factory(kind: str) -> Callable[[Served], Backend]:
 def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str = "onnx", max_batch: int = 32,
                max_wait_ms: float = 0, queue_limit: int = QUEUE_LIMIT, api_key: str | None = None,
                body_limit: int = BODY_LIMIT, cors: str | list[str] | None = None,
-               timeout_s: float = TIMEOUT_S, freeze_gc: bool = False) -> FastAPI:
+               timeout_s: float = TIMEOUT_S, freeze_gc: bool = False, shared_dir: str | None = None,
+               workers: int = 1) -> FastAPI:
     """The API over `runs` (run directories, `NAME=RUN` strings, or {name: run}). Runs are checked now;
     models load and warm up in the background once the app starts (/ready says when).
 
     `freeze_gc` (for a process that only serves: `dlkit serve` sets it) hands everything alive once the
     models are loaded to gc.freeze, out of the collector's sight: a full collection walks the ~300,000
     objects of torch, ONNX Runtime, the libraries and the models (110 ms here), stalling every request in
-    flight every few thousand requests (p99 at concurrency 32 went from 5 ms to over 100 in such runs)."""
+    flight every few thousand requests (p99 at concurrency 32 went from 5 ms to over 100 in such runs).
+
+    `shared_dir` and `workers` (`dlkit serve --workers N` sets them): the folder where each of the
+    `workers` processes publishes its numbers and readiness every second (`metrics.Shared`), so that
+    /metrics adds up every worker's and /ready answers 200 only when every worker has its models."""
     if max_batch < 1 or max_wait_ms < 0 or queue_limit < 1 or body_limit < 1 or timeout_s <= 0:
         raise ConfigError("max_batch, queue_limit and body_limit must be at least 1, max_wait_ms at least 0, "
                           "timeout_s positive")
@@ -160,6 +165,16 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
     make_backend = backend_factory(backend)
     metrics = Metrics(lambda: {n: s.batcher.qsize() for n, s in models.items() if s.batcher})
     failures: list[str] = []
+    shared = Shared(shared_dir, workers) if shared_dir is not None else None
+
+    def loaded() -> bool:
+        return not failures and all(s.batcher is not None for s in models.values())
+
+    async def publish() -> None:
+        """Every second: this worker's numbers and readiness, for the other workers' /metrics and /ready."""
+        while True:
+            shared.publish(metrics.state(), loaded())
+            await asyncio.sleep(1)
 
     async def load_all() -> None:
         for served in models.values():
@@ -185,15 +200,22 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
         if freeze_gc:
             gc.collect()
             gc.freeze()
+        if shared is not None:
+            shared.publish(metrics.state(), loaded())  # ready now, not at the next second
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(load_all())
+        tasks = [asyncio.create_task(load_all())]
+        if shared is not None:
+            tasks.append(asyncio.create_task(publish()))
         try:
             yield
         finally:
-            loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if shared is not None:
+                shared.publish(metrics.state(), False)  # its last counts stay in the sum; not ready
             for served in models.values():
                 if served.batcher is not None:
                     await served.batcher.stop()
@@ -232,11 +254,15 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
             return JSONResponse({"error": f"loading models: {', '.join(waiting)} "
                                           f"({len(models) - len(waiting)} of {len(models)} ready)"},
                                 503, {"Retry-After": str(RETRY_AFTER_S)})
+        if shared is not None and (live := shared.ready_workers(True)) < shared.workers:
+            return JSONResponse({"error": f"{live} of {shared.workers} workers have their models ready"},
+                                503, {"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse({"status": "ready", "models": list(models)})
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics_text() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        others = shared.others() if shared is not None else []
+        return PlainTextResponse(metrics.render(others), media_type="text/plain; version=0.0.4")
 
     page_html, page_policy = _page()
 

@@ -1,11 +1,21 @@
 """The server's numbers in Prometheus' text format (exposition format 0.0.4), written by hand: requests
-by model, endpoint and status, a latency histogram, the batch sizes each model ran, queue depth."""
+by model, endpoint and status, a latency histogram, the batch sizes each model ran, queue depth.
+
+With several worker processes (`dlkit serve --workers N`) each keeps its own numbers and publishes them
+(`state()`, JSON) every second into a folder the workers share (`Shared`); whichever worker answers
+/metrics adds up every worker's, so a scrape sees the whole server. A worker that died keeps its
+counts (counters only grow), not its queue."""
 from __future__ import annotations
 
 import bisect
+import json
+import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 # latency buckets in seconds: a digit CNN answers in about a millisecond, an image upload in tens
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -24,6 +34,18 @@ class Histogram:
         counts = self.counts.setdefault(labels, [0] * (len(self.bounds) + 1))
         counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sums[labels] += value
+
+    def state(self) -> list[list[Any]]:
+        """[[labels, bucket counts, sum], ...]: JSON-able."""
+        return [[list(labels), counts, self.sums[labels]] for labels, counts in self.counts.items()]
+
+    def add(self, state: list[list[Any]]) -> None:
+        """Add another worker's `state()` to these counts."""
+        for labels, counts, total in state:
+            mine = self.counts.setdefault(tuple(labels), [0] * (len(self.bounds) + 1))
+            for i, n in enumerate(counts):
+                mine[i] += n
+            self.sums[tuple(labels)] += total
 
     def lines(self, name: str, keys: tuple[str, ...]) -> list[str]:
         out = []
@@ -57,18 +79,71 @@ class Metrics:
         with self.lock:
             self.batches.observe((model,), size)
 
-    def render(self) -> str:
+    def state(self) -> dict[str, Any]:
+        """This process's numbers, JSON-able (what `render` adds up across workers)."""
         with self.lock:
-            lines = ["# HELP dlkit_requests_total Requests answered, by model, endpoint and status.",
-                     "# TYPE dlkit_requests_total counter"]
-            lines += [f'dlkit_requests_total{{model="{m}",endpoint="{e}",status="{s}"}} {n}'
-                      for (m, e, s), n in sorted(self.requests.items())]
-            lines += ["# HELP dlkit_request_seconds Time from a request's arrival to its answer.",
-                      "# TYPE dlkit_request_seconds histogram",
-                      *self.latency.lines("dlkit_request_seconds", ("model", "endpoint")),
-                      "# HELP dlkit_batch_size Rows in each model call the batcher made.",
-                      "# TYPE dlkit_batch_size histogram",
-                      *self.batches.lines("dlkit_batch_size", ("model",))]
+            return {"requests": [[*labels, n] for labels, n in self.requests.items()],
+                    "latency": self.latency.state(), "batches": self.batches.state(),
+                    "queue": self.queue_depth()}
+
+    def render(self, others: list[dict[str, Any]] = ()) -> str:
+        """Prometheus text of this process's numbers plus `others` (other workers' `state()`; their
+        queues only when given as live)."""
+        total = Metrics(lambda: {})
+        queue: Counter[str] = Counter()
+        for state in [self.state(), *others]:
+            for m, e, st, n in state["requests"]:
+                total.requests[(m, e, st)] += n
+            total.latency.add(state["latency"])
+            total.batches.add(state["batches"])
+            queue.update(state["queue"])
+        lines = ["# HELP dlkit_requests_total Requests answered, by model, endpoint and status.",
+                 "# TYPE dlkit_requests_total counter"]
+        lines += [f'dlkit_requests_total{{model="{m}",endpoint="{e}",status="{s}"}} {n}'
+                  for (m, e, s), n in sorted(total.requests.items())]
+        lines += ["# HELP dlkit_request_seconds Time from a request's arrival to its answer.",
+                  "# TYPE dlkit_request_seconds histogram",
+                  *total.latency.lines("dlkit_request_seconds", ("model", "endpoint")),
+                  "# HELP dlkit_batch_size Rows in each model call the batcher made.",
+                  "# TYPE dlkit_batch_size histogram",
+                  *total.batches.lines("dlkit_batch_size", ("model",))]
         lines += ["# HELP dlkit_queue_depth Requests waiting for a model's worker.", "# TYPE dlkit_queue_depth gauge"]
-        lines += [f'dlkit_queue_depth{{model="{m}"}} {n}' for m, n in sorted(self.queue_depth().items())]
+        lines += [f'dlkit_queue_depth{{model="{m}"}} {n}' for m, n in sorted(queue.items())]
         return "\n".join(lines) + "\n"
+
+
+FRESH_S = 5.0  # a worker's file older than this is a worker that stopped publishing (dead): no queue, not ready
+
+
+class Shared:
+    """The folder `dlkit serve --workers N` gives its workers: each writes `worker-<pid>.json` (its
+    numbers and whether its models are ready) atomically, and reads the others'."""
+
+    def __init__(self, folder: str | Path, workers: int) -> None:
+        self.folder, self.workers = Path(folder), workers
+        self.mine = self.folder / f"worker-{os.getpid()}.json"
+
+    def publish(self, state: dict[str, Any], ready: bool) -> None:
+        part = self.mine.with_suffix(".part")
+        part.write_text(json.dumps({**state, "ready": ready, "time": time.time()}))
+        os.replace(part, self.mine)
+
+    def others(self) -> list[dict[str, Any]]:
+        """The other workers' last states; a stale one's queue dropped (its process is gone)."""
+        found = []
+        for path in sorted(self.folder.glob("worker-*.json")):
+            if path == self.mine:
+                continue
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):  # removed or replaced while read: its next write counts
+                continue
+            if time.time() - state.get("time", 0) > FRESH_S:
+                state["queue"], state["ready"] = {}, False
+            found.append(state)
+        return found
+
+    def ready_workers(self, me_ready: bool) -> int:
+        """How many workers (this one included) are live and have every model ready."""
+        return int(me_ready) + sum(bool(state["ready"]) for state in self.others())
+
