@@ -13,10 +13,9 @@ batch over and back cost more than the batch (a small model's throughput rose a 
 is the time per row measured over recent batches. Work that is the same for every row is done once
 per batch: `prepare` (a table's normalisation) over the batch's rows before the model, and `finish`
 (logits to answers) after it; both are row by row, so a row's result does not depend on its batch.
-The queue is bounded: a full one refuses at once
-(503 with Retry-After). A request still waiting at its deadline answers 504 and is dropped
-before it reaches the model. Rows are independent in eval mode, so a request's answer does not
-depend on its batch-mates (to float rounding; tested to 1e-6).
+The queue is bounded: a full one refuses at once (503 with Retry-After). A request still waiting at
+its deadline answers 504 and is dropped before it reaches the model. Rows are independent in eval
+mode, so a request's answer does not depend on its batch-mates (to float rounding; tested to 1e-6).
 """
 from __future__ import annotations
 
