@@ -7,6 +7,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,15 +81,28 @@ def mnist_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def _by_path(name: str, folder: Path) -> Any:
+    """A test helper module loaded from its file (tests run under --import-mode=importlib)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: a dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def resume_check():
     """tests/resume_check.py (run stopped at a chosen step, resumed, compared bit for bit), loaded by path."""
-    import importlib.util
+    return _by_path("resume_check", Path(__file__).parent)
 
-    spec = importlib.util.spec_from_file_location("resume_check", Path(__file__).parent / "resume_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+@pytest.fixture(scope="session")
+def known_answer():
+    """tests/evaluate/known_answer.py (a pattern anywhere in noise decides the class), loaded by path."""
+    return _by_path("known_answer", Path(__file__).parent / "evaluate")
 
 
 @pytest.fixture(name="digit_images")

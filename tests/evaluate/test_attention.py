@@ -6,69 +6,27 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from dlkit.errors import InputError
 from dlkit.evaluate.attention import GRADCAM, ROLLOUT, attention_rollout, explains_images, heat_maps, rollout
 from dlkit.models import build
 
-PATCH = 6  # the pattern's side, as in test_gradcam.py
 TINY = {"patch": 4, "dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 4.0}
 
 
-def patterns() -> Tensor:
-    """Four 6x6 patterns, one a class: horizontal stripes, vertical stripes, a checkerboard, a diagonal band."""
-    i = torch.arange(PATCH)
-    lines = (i % 2 == 0).float()
-    return torch.stack([lines[:, None].expand(PATCH, PATCH), lines[None, :].expand(PATCH, PATCH),
-                        ((i[:, None] + i) % 2 == 0).float(), ((i[:, None] - i).abs() <= 1).float()])
-
-
-def patterned(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """1x32x32 noise images, each with one of the four patterns anywhere; images, labels, top-left corners."""
-    shapes = patterns()
-    y = torch.randint(0, len(shapes), (n,), generator=generator)
-    x = torch.rand(n, 1, 32, 32, generator=generator) * 0.3
-    corners = torch.randint(0, 32 - PATCH + 1, (n, 2), generator=generator)
-    for k, (row, col) in enumerate(corners.tolist()):
-        x[k, 0, row:row + PATCH, col:col + PATCH] = shapes[y[k]]
-    return x, y, corners
-
-
-def peaks_inside(heatmaps: Tensor, corners: Tensor) -> Tensor:
-    """Per image: whether the heat map's hottest pixel lies inside the pattern at `corners`."""
-    flat = heatmaps.flatten(1).argmax(1)
-    row, col = flat // heatmaps.shape[2], flat % heatmaps.shape[2]
-    top, left = corners[:, 0], corners[:, 1]
-    return (row >= top) & (row < top + PATCH) & (col >= left) & (col < left + PATCH)
-
-
-def test_rollout_of_a_trained_vit_peaks_on_the_pattern_that_decides_the_class():
-    torch.manual_seed(0)
-    data = torch.Generator().manual_seed(0)
-    model = build("vit", num_classes=4, input_shape=(1, 32, 32), **TINY)
-    x, y, corners = patterned(400, data)
-    untrained = peaks_inside(attention_rollout(model, x).heatmaps, corners).float().mean().item()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(200):
-        xb, yb, _ = patterned(32, data)
-        loss = F.cross_entropy(model(xb), yb)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(x).argmax(1) == y).float().mean().item()
-    result = attention_rollout(model, x)
-    inside = peaks_inside(result.heatmaps, corners)
-    per_class = sorted(inside[y == label].float().mean().item() for label in range(4))
-    assert accuracy > 0.95
+def test_rollout_of_a_trained_vit_peaks_on_the_pattern_that_decides_the_class(known_answer):
+    learned = known_answer.learn(lambda: build("vit", num_classes=4, input_shape=(1, 32, 32), **TINY), 4,
+                                 lambda model, x: attention_rollout(model, x).heatmaps, examples=400, steps=200,
+                                 lr=2e-3)
+    result = attention_rollout(learned.model, learned.x)
+    inside = known_answer.peaks_inside(result.heatmaps, learned.corners)
+    per_class = sorted(inside[learned.y == label].float().mean().item() for label in range(4))
+    assert learned.accuracy > 0.95
     # measured 0.59, 0.88, 0.92, 0.97. Rollout shows where the model looks, for no class in particular,
     # so one class may be told by the others' absence and its images looked at anywhere; the rest peak
     # on their pattern
     assert per_class[1] >= 0.85, per_class
-    assert untrained < 0.5  # measured 0.34: the peaks follow what was learned, not just the brightest pixels
+    assert learned.untrained < 0.5  # measured 0.34: the peaks follow what was learned, not just the brightest pixels
 
 
 def test_the_maths_spelt_out_and_batched_equals_one_image_at_a_time():

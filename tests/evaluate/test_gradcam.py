@@ -15,57 +15,21 @@ from dlkit.errors import InputError
 from dlkit.evaluate.gradcam import evidence, gradcam, jet, overlay, save_overlay
 from dlkit.models import MODELS, build
 
-PATCH = 6
 SMALL_HEAD = {"pool": "avg", "hidden": [16], "activation": "relu", "dropout": 0.0}
 
 
-def striped_patches(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """1x32x32 noise images, each with a bright 6x6 striped patch anywhere: horizontal stripes are
-    class 0, vertical ones class 1. Returns images, labels and each patch's top-left corner."""
-    y = torch.randint(0, 2, (n,), generator=generator)
-    x = torch.rand(n, 1, 32, 32, generator=generator) * 0.3
-    corners = torch.randint(0, 32 - PATCH + 1, (n, 2), generator=generator)
-    lines = (torch.arange(PATCH) % 2 == 0).float()
-    patterns = torch.stack([lines[:, None].expand(PATCH, PATCH), lines[None, :].expand(PATCH, PATCH)])
-    for i, (row, col) in enumerate(corners.tolist()):
-        x[i, 0, row:row + PATCH, col:col + PATCH] = patterns[y[i]]
-    return x, y, corners
-
-
-def peaks_inside(heatmaps: Tensor, corners: Tensor) -> Tensor:
-    """Per image: whether the heat map's hottest pixel lies inside the patch at `corners`."""
-    flat = heatmaps.flatten(1).argmax(1)
-    row, col = flat // heatmaps.shape[2], flat % heatmaps.shape[2]
-    top, left = corners[:, 0], corners[:, 1]
-    return (row >= top) & (row < top + PATCH) & (col >= left) & (col < left + PATCH)
-
-
-def test_maps_of_a_trained_model_peak_on_the_pattern_that_decides_the_class():
+def test_maps_of_a_trained_model_peak_on_the_pattern_that_decides_the_class(known_answer):
     # the class is in *what* the patch shows, not where: Grad-CAM's spatially averaged channel
-    # weights cannot see a class that is coded by position alone
-    torch.manual_seed(0)
-    data = torch.Generator().manual_seed(0)
-    model = build("resnet20", num_classes=2, input_shape=(1, 32, 32))  # padded convs: maps line up with pixels
-    x, y, corners = striped_patches(200, data)
-    untrained = peaks_inside(gradcam(model, x).heatmaps, corners).float().mean().item()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(60):
-        xb, yb, _ = striped_patches(32, data)
-        loss = F.cross_entropy(model(xb), yb)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(x).argmax(1) == y).float().mean().item()
-    result = gradcam(model, x)
-    inside = peaks_inside(result.heatmaps, corners)
-    assert accuracy > 0.95
+    # weights cannot see a class that is coded by position alone. Two classes: horizontal or vertical stripes
+    learned = known_answer.learn(lambda: build("resnet20", num_classes=2, input_shape=(1, 32, 32)), 2,
+                                 lambda model, x: gradcam(model, x).heatmaps, examples=200, steps=60, lr=1e-3)
+    result = gradcam(learned.model, learned.x)  # padded convs: the maps line up with the pixels
+    inside = known_answer.peaks_inside(result.heatmaps, learned.corners)
+    assert learned.accuracy > 0.95
     assert torch.equal(result.predicted, result.target)
     for label in (0, 1):
-        assert inside[y == label].float().mean().item() >= 0.9
-    assert untrained < 0.6  # the peaks follow what was learned, not just the brightest pixels
+        assert inside[learned.y == label].float().mean().item() >= 0.9
+    assert learned.untrained < 0.6  # the peaks follow what was learned, not just the brightest pixels
 
 
 def test_batched_maps_equal_one_image_at_a_time_and_the_reference_computation():
