@@ -601,8 +601,8 @@ def test_metrics_add_up_other_workers_and_drop_a_dead_ones_queue(tmp_path):
     other.request("t", "predict", 400, 0.001)
     shared = Shared(tmp_path, workers=3)
     shared.publish(mine.state(), ready=True)  # this process's own file: read live, not from the folder
-    (tmp_path / "worker-1.json").write_text(json.dumps({**other.state(), "ready": True, "time": time.time()}))
-    (tmp_path / "worker-2.json").write_text(json.dumps({**other.state(), "ready": True, "time": time.time() - 60}))
+    (tmp_path / "worker-1-0.json").write_text(json.dumps({**other.state(), "ready": True, "time": time.time()}))
+    (tmp_path / "worker-2-0.json").write_text(json.dumps({**other.state(), "ready": True, "time": time.time() - 60}))
     text = mine.render(shared.others())
     assert 'dlkit_requests_total{model="t",endpoint="predict",status="200"} 7' in text  # 1 + 3 + 3 (dead: kept)
     assert 'dlkit_requests_total{model="t",endpoint="predict",status="400"} 2' in text
@@ -610,7 +610,7 @@ def test_metrics_add_up_other_workers_and_drop_a_dead_ones_queue(tmp_path):
     assert 'dlkit_request_seconds_count{model="t",endpoint="predict"} 9' in text
     assert 'dlkit_batch_size_sum{model="t"} 4.000000' in text
     assert 'dlkit_queue_depth{model="t"} 7' in text  # 2 + 5; the dead worker's queue is gone
-    assert shared.ready_workers(True) == 2  # this one and worker 1; worker 2 stopped publishing
+    assert shared.ready_workers() == 2  # this one and worker 1; worker 2 stopped publishing
 
 
 def predictions_total(base: str) -> float:

@@ -254,7 +254,7 @@ def create_app(runs: dict[str, str | Path] | list[str | Path], *, backend: str =
             return JSONResponse({"error": f"loading models: {', '.join(waiting)} "
                                           f"({len(models) - len(waiting)} of {len(models)} ready)"},
                                 503, {"Retry-After": str(RETRY_AFTER_S)})
-        if shared is not None and (live := shared.ready_workers(True)) < shared.workers:
+        if shared is not None and (live := shared.ready_workers()) < shared.workers:
             return JSONResponse({"error": f"{live} of {shared.workers} workers have their models ready"},
                                 503, {"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse({"status": "ready", "models": list(models)})

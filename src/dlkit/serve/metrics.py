@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ class Metrics:
                     "latency": self.latency.state(), "batches": self.batches.state(),
                     "queue": self.queue_depth()}
 
-    def render(self, others: list[dict[str, Any]] = ()) -> str:
+    def render(self, others: Sequence[dict[str, Any]] = ()) -> str:
         """Prometheus text of this process's numbers plus `others` (other workers' `state()`; their
         queues only when given as live)."""
         total = Metrics(lambda: {})
@@ -116,12 +116,13 @@ FRESH_S = 5.0  # a worker's file older than this is a worker that stopped publis
 
 
 class Shared:
-    """The folder `dlkit serve --workers N` gives its workers: each writes `worker-<pid>.json` (its
-    numbers and whether its models are ready) atomically, and reads the others'."""
+    """The folder `dlkit serve --workers N` gives its workers: each writes `worker-<pid>-<start>.json`
+    (its numbers and whether its models are ready) atomically, and reads the others'. The start time
+    keeps a dead worker's file (its counts) when a new worker gets its pid again."""
 
     def __init__(self, folder: str | Path, workers: int) -> None:
         self.folder, self.workers = Path(folder), workers
-        self.mine = self.folder / f"worker-{os.getpid()}.json"
+        self.mine = self.folder / f"worker-{os.getpid()}-{time.time_ns()}.json"
 
     def publish(self, state: dict[str, Any], ready: bool) -> None:
         part = self.mine.with_suffix(".part")
@@ -143,7 +144,7 @@ class Shared:
             found.append(state)
         return found
 
-    def ready_workers(self, me_ready: bool) -> int:
-        """How many workers (this one included) are live and have every model ready."""
-        return int(me_ready) + sum(bool(state["ready"]) for state in self.others())
+    def ready_workers(self) -> int:
+        """How many workers are live with every model ready, counting this one (asked once it is)."""
+        return 1 + sum(bool(state["ready"]) for state in self.others())
 

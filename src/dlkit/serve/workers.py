@@ -113,10 +113,15 @@ class Workers(Multiprocess):
             self.processes[slot] = new
 
     def handle_ttin(self) -> None:
-        log.info("Received SIGTTIN: the number of workers is fixed (one socket each); restart with another --workers")
+        self._fixed("SIGTTIN")
 
     def handle_ttou(self) -> None:
-        self.handle_ttin()
+        self._fixed("SIGTTOU")
+
+    @staticmethod
+    def _fixed(signal_name: str) -> None:
+        log.info(f"Received {signal_name}: ignored, the number of workers is fixed (a socket each); restart with "
+                 "another --workers")
 
 
 def run_workers(app: str, host: str, port: int, workers: int, **options: Any) -> None:
