@@ -143,8 +143,8 @@ class StudyRun:
         for name in ("best", "json", "html"):
             if name in files and Path(files[name]).is_file():
                 self.client.log_artifact(self.run_id, str(files[name]))
-        others = any(t.state == TrialState.RUNNING for t in self.study.get_trials(deepcopy=False))
-        if others:  # another process still runs trials of this study: the last one to end says how it ended
+        # another process still runs trials of this study: the last one to end says how it ended
+        if any(t.state == TrialState.RUNNING for t in trials):
             return
         state = [RunTag("dlkit.status", outcome)]
         if outcome != "finished" and message:
